@@ -89,7 +89,16 @@ def ensure_venv(*, force: bool = False) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="reinstall even if nothing changed")
+    parser.add_argument(
+        "--dry-run",
+        default="0",
+        choices=["0", "1"],
+        help="1: only say what would be done (lintrunner init --dry-run passes this)",
+    )
     args = parser.parse_args(argv)
+    if args.dry_run == "1":
+        log(f"would create or refresh {VENV.relative_to(ROOT)} from {LOCK.name}")
+        return 0
     python = ensure_venv(force=args.force)
     log(f"ready: {python.relative_to(ROOT)}")
     return 0
