@@ -173,15 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_install = sub.add_parser("install", help="install the carried wheels this Python lacks")
     p_install.add_argument("--wheels", type=Path, default=WHEELS, help="carried wheel folder")
     p_install.add_argument("--target", type=Path, default=SITE, help="where to install them")
-    p_nox = sub.add_parser("nox", help="run nox with the installed wheels importable")
-    p_nox.add_argument("--target", type=Path, default=SITE, help="where `install` put them")
-    p_nox.add_argument("nox_args", nargs=argparse.REMAINDER, help="arguments for nox")
+    sub.add_parser(
+        "nox", help="run nox (all further arguments are nox's) with .gpu-site importable"
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["nox"]:
+        # Everything after `nox` belongs to nox, options included.
+        return run_nox(argv[1:], SITE)
     args = parser.parse_args(argv)
     if args.command == "download":
         return download(args.dest, args.python_version)
-    if args.command == "install":
-        return install(args.wheels, args.target)
-    return run_nox(args.nox_args, args.target)
+    return install(args.wheels, args.target)
 
 
 if __name__ == "__main__":
