@@ -85,6 +85,10 @@ class Timing:
         return cls(statistics.median(samples), cuts[1], cuts[7])
 
 
+# Mantissa bits of an fp32 accumulator: the probe's reference precision.
+FP32_MANTISSA_BITS = 23
+
+
 @dataclass(frozen=True, slots=True)
 class BenchResult:
     """One row of the schema's ``results``."""
@@ -93,18 +97,16 @@ class BenchResult:
     metric: str
     unit: str
     value: float
-    baseline_name: str | None
-    baseline_value: float | None
-    ratio: float | None
+    baseline_name: str
+    baseline_value: float
+    ratio: float
     higher_is_better: bool
     target: float | None
     params: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         """The schema's result object."""
-        baseline = None
-        if self.baseline_name is not None:
-            baseline = {"name": self.baseline_name, "value": self.baseline_value}
+        baseline = {"name": self.baseline_name, "value": self.baseline_value}
         return {
             "name": self.name,
             "metric": self.metric,
@@ -555,16 +557,17 @@ def _pack_cases(*, sizes: _Sizes, device: torch.device) -> list[BenchResult]:
 
 
 def probe_bench_results(results: Sequence[ProbeResult]) -> list[BenchResult]:
-    """One schema row per probe configuration: the effective mantissa bits, no baseline."""
+    """One schema row per probe configuration: the effective mantissa bits, against the 23 of
+    a full fp32 accumulator (the ratio says how much of fp32's precision survives)."""
     return [
         BenchResult(
             name=f"probe {r.config.label}",
             metric="accumulator_mantissa_bits",
             unit="bits",
             value=r.mantissa_bits,
-            baseline_name=None,
-            baseline_value=None,
-            ratio=None,
+            baseline_name="full fp32 accumulator (e8m23)",
+            baseline_value=float(FP32_MANTISSA_BITS),
+            ratio=r.mantissa_bits / FP32_MANTISSA_BITS,
             higher_is_better=True,
             target=None,
             params=r.to_json(),
@@ -734,12 +737,10 @@ def format_results(results: Sequence[BenchResult], *, card: str) -> str:
     header = f"{'case':<40} {'value':>12} {'unit':<6} {'baseline':>12} {'ratio':>7} {'target':>7}"
     lines += [header, "-" * len(header)]
     for r in results:
-        baseline = f"{r.baseline_value:12.4g}" if r.baseline_value is not None else " " * 12
-        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
+        baseline = f"{r.baseline_value:12.4g}"
+        ratio = f"{r.ratio:7.3f}"
         target = f"{r.target:7.2f}" if r.target is not None else " " * 7
-        miss = (
-            "  MISS" if r.ratio is not None and r.target is not None and r.ratio < r.target else ""
-        )
+        miss = "  MISS" if r.target is not None and r.ratio < r.target else ""
         lines.append(f"{r.name:<40} {r.value:12.4g} {r.unit:<6} {baseline} {ratio} {target}{miss}")
     lines.append("ratio: higher is better (baseline/ours for times, ours/baseline for throughput)")
     for r in results:

@@ -1,0 +1,41 @@
+"""Every package's benchmark command writes a valid kvstack-bench/1 document (smoke sizes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.bench.schema import load
+from tools.tests.lintrunner_config import ROOT
+
+SUITES = sorted(
+    path.parent.name
+    for path in (ROOT / "packages").glob("*/src/kvstack/*/cli.py")
+    if "bench" in path.read_text()
+)
+
+
+def test_the_packages_with_a_bench_command_are_found() -> None:
+    assert {"transfer", "kernels"} <= set(SUITES)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_quick_bench_writes_a_valid_document(suite: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{suite}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", f"kvstack.{suite}", "bench", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    document = load(out)  # raises SchemaError naming every problem
+    assert document["suite"] == suite
+    assert document["results"]
