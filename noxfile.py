@@ -37,7 +37,7 @@ VENV_BIN = venv_python().parent
 RESULTS = ROOT / "results"
 # Suites of `nox -s bench`: package -> whether it needs a CUDA device. A suite runs once its
 # package has a command line (`python -m kvstack.<name> bench`).
-BENCH_SUITES = {"transfer": False, "store": False, "kernels": True, "serve": True}
+BENCH_SUITES = {"transfer": False, "store": False, "kernels": True, "serve": False}
 
 
 @contextmanager
@@ -215,6 +215,14 @@ def bench(session: nox.Session) -> None:
         external=True,
     )
     session.log(f"results in {out.relative_to(ROOT)}")
+
+
+@nox.session(venv_backend="none", default=False)
+def demo(session: nox.Session) -> None:
+    """The main job: serve SmolLM2 on 127.0.0.1, one chat exchange, a short benchmark, stop."""
+    python = project_venv(session)
+    with stage(session, "demo"):
+        session.run(str(python), "-m", "kvstack.serve", "demo", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none", default=False)

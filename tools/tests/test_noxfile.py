@@ -30,7 +30,7 @@ def listed(*args: str) -> dict[str, bool]:
 
 def test_sessions_and_defaults() -> None:
     sessions = listed()
-    assert set(sessions) >= {"lint", "typecheck", "tests", "gpu_tests", "bench", "fmt"}
+    assert set(sessions) >= {"lint", "typecheck", "tests", "gpu_tests", "bench", "fmt", "demo"}
     assert {name for name, selected in sessions.items() if selected} == {
         "lint",
         "typecheck",
