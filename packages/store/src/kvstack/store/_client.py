@@ -1,0 +1,789 @@
+"""StoreClient (sync, the data-plane implementation) and AsyncStoreClient (its own executor).
+
+A put is three steps: PUT_START (the master allocates replicas), the client writes the bytes
+straight into each replica's node segment through the transfer engine, PUT_COMMIT with the
+CRC-32 (the object becomes visible). A get asks the master for the replicas (which grants a
+read lease), reads one, verifies the checksum, and fails over to the next replica on error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+
+from kvstack.store._batch import BatchResult, ItemOutcome
+from kvstack.store._buffers import byte_view, check_matches, empty_tensor, tensor_attrs
+from kvstack.store._config import ClientConfig, MasterConfig, NodeConfig, PutOptions, parse_size
+from kvstack.store._master import check_key, run_master_in_thread
+from kvstack.store._node import StoreNode
+from kvstack.store._wire import MasterConnection, Op
+from kvstack.store.errors import (
+    ChecksumMismatch,
+    InvalidArgument,
+    NotFound,
+    ReplicaUnavailable,
+    StoreError,
+    StoreTimeout,
+    error_from_wire,
+)
+from kvstack.transfer import Engine, EngineConfig, SegmentNotFound, TransferError
+
+__all__ = ["AsyncStoreClient", "StoreClient"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Batches moving more than this use the client's transfer threads (parallel peers and stripes).
+_PARALLEL_BYTES = 4 << 20
+_TRANSFER_THREADS = 4
+# How long a write retries a segment the metadata service does not know (yet): a node
+# re-publishes its segments every second (the store's 3 s segment TTL / 3).
+_SEGMENT_RETRY_S = 1.5
+
+Value = object  # bytes-like, numpy array or CPU torch tensor
+
+
+@dataclass(frozen=True, slots=True)
+class _Located:
+    key: str
+    size: int
+    checksum: int
+    attrs: dict[str, Any]
+    replicas: list[tuple[str, str, int]]  # (node, segment, offset)
+
+
+class StoreClient:
+    """Put and get objects of a store; thread-safe. Close it (or use ``with``) when done."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config or ClientConfig()
+        self._master = MasterConnection(self.config.master)
+        self._stops: list[Callable[[], None]] = []
+        self._node: StoreNode | None = None
+        hello = self._master.call_retrying(Op.HELLO, {}, timeout_s=self.config.timeout_s)
+        self.metadata_url = str(hello["metadata_url"])
+        self._engine = Engine(EngineConfig(metadata_url=self.metadata_url))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        if self.config.contribute_bytes:
+            self._node = StoreNode(
+                NodeConfig(
+                    master=self.config.master,
+                    memory_bytes=self.config.contribute_bytes,
+                    disk_dir=self.config.contribute_disk_dir,
+                )
+            )
+            try:
+                self._node.start()
+            except BaseException:
+                self.close()
+                raise
+
+    @classmethod
+    def embedded(
+        cls,
+        memory: int | str = "256MiB",
+        *,
+        disk_dir: str | None = None,
+        master_config: MasterConfig | None = None,
+    ) -> StoreClient:
+        """A whole store in this process: master, the memory this client contributes, client.
+
+        Needs no external service (the segment metadata stays in-process).
+        """
+        base = master_config or MasterConfig()
+        config = replace(base, port=0, metadata_url=f"memory://kvstack-store-{uuid.uuid4().hex}")
+        master, stop = run_master_in_thread(config)
+        try:
+            client = cls(
+                ClientConfig(
+                    master=master.address,
+                    contribute_bytes=parse_size(memory, name="memory"),
+                    contribute_disk_dir=disk_dir,
+                )
+            )
+        except BaseException:
+            stop()
+            raise
+        client._stops.append(stop)
+        return client
+
+    @property
+    def local_node(self) -> str | None:
+        """The name of the node this client contributes (for ``PutOptions.preferred_node``)."""
+        return self._node.name if self._node is not None else None
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release connections, the contributed memory and (embedded) the master. Idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._node is not None:
+            self._node.close()
+            self._node = None
+        if getattr(self, "_engine", None) is not None:
+            self._engine.close()
+        self._master.close()
+        for stop in self._stops:
+            stop()
+        self._stops.clear()
+
+    # -- single-object API ---------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        data: Value,
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+    ) -> None:
+        """Store ``data`` under ``key``; visible to readers only once complete.
+
+        Raises AlreadyExists (unless ``overwrite``), InvalidKey, NoSpace, StoreTimeout.
+        """
+        self.put_batch([(key, data)], overwrite=overwrite, options=options)[0].unwrap()
+
+    def put_from(
+        self, key: str, buffer: Value, *, overwrite: bool = False, options: PutOptions | None = None
+    ) -> None:
+        """Zero-copy put: the bytes go from ``buffer`` straight to the nodes."""
+        self.put(key, buffer, overwrite=overwrite, options=options)
+
+    def get(self, key: str) -> bytes:
+        """The bytes stored under ``key``; raises NotFound (never returns b"" for a missing key)."""
+        # The common case in one round trip and no batch bookkeeping; fail-over retries and
+        # errors other than the item's own take the general path.
+        check_key(key)
+        deadline = time.monotonic() + self.config.timeout_s
+        reply = self._master.call_retrying(
+            Op.GET, {"items": [{"key": key}]}, timeout_s=self.config.timeout_s
+        )
+        item = reply["items"][0]
+        if "error" in item:
+            error = error_from_wire(item["error"])
+            if not isinstance(error, ReplicaUnavailable):
+                raise error
+        else:
+            loc = self._located(key, item["ok"])
+            buf = bytearray(loc.size)
+            try:
+                self._read(loc, np.frombuffer(buf, dtype=np.uint8), deadline)
+                return bytes(buf)
+            except ReplicaUnavailable:
+                pass
+        return self.get_batch([key])[0].unwrap()
+
+    def get_into(self, key: str, buffer: Value) -> int:
+        """Read ``key`` into the start of writable ``buffer`` (no copy); returns its size."""
+        return self.get_into_batch([key], [buffer])[0].unwrap()
+
+    def exists(self, key: str) -> bool:
+        return self.exists_batch([key])[0].unwrap()
+
+    def remove(self, key: str) -> None:
+        """Remove ``key``; raises NotFound. Bytes under a reader's lease are freed when it ends."""
+        self.remove_batch([key])[0].unwrap()
+
+    # -- batch API -----------------------------------------------------------------------
+
+    def put_batch(
+        self,
+        items: Mapping[str, Value] | Iterable[tuple[str, Value]],
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+        attrs: Sequence[dict[str, Any] | None] | None = None,
+    ) -> BatchResult[None]:
+        """Put every (key, value); one outcome per item, in order."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        opts = options or PutOptions()
+        if overwrite and not opts.overwrite:
+            opts = replace(opts, overwrite=True)
+        deadline = time.monotonic() + self.config.timeout_s
+        errors: list[StoreError | None] = [None] * len(pairs)
+        views: list[np.ndarray | None] = [None] * len(pairs)
+        requests: list[dict[str, Any]] = []
+        started: list[int] = []
+        for i, pair in enumerate(pairs):
+            try:
+                if not isinstance(pair, tuple) or len(pair) != 2:
+                    raise InvalidArgument(f"item {i} must be a (key, value) pair")
+                key = check_key(pair[0])
+                view = byte_view(pair[1], what=f"value of key {key!r}")
+                views[i] = view
+                request: dict[str, Any] = {
+                    "key": key,
+                    "size": view.nbytes,
+                    "options": opts.to_wire(),
+                }
+                if attrs is not None and attrs[i]:
+                    request["attrs"] = attrs[i]
+                requests.append(request)
+                started.append(i)
+            except StoreError as exc:
+                errors[i] = exc
+        if requests:
+            reply = self._master.call(
+                Op.PUT_START, {"items": requests}, timeout_s=self._left(deadline, "put")
+            )
+            commits: list[dict[str, Any]] = []
+            committed: list[int] = []
+            aborts: list[dict[str, Any]] = []
+            for i, item in zip(started, reply["items"], strict=True):
+                if "error" in item:
+                    errors[i] = error_from_wire(item["error"])
+                    continue
+                view = views[i]
+                if view is None:
+                    raise StoreError("internal: a started put lost its value")
+                ok = item["ok"]
+                try:
+                    failed = self._write(str(pairs[i][0]), view, ok["replicas"], deadline)
+                except StoreError as exc:
+                    errors[i] = exc
+                    aborts.append({"put_id": ok["put_id"]})
+                    continue
+                commits.append(
+                    {"put_id": ok["put_id"], "checksum": zlib.crc32(view.data), "failed": failed}
+                )
+                committed.append(i)
+            if aborts:
+                self._master.call(
+                    Op.PUT_ABORT, {"items": aborts}, timeout_s=self._left(deadline, "put")
+                )
+            if commits:
+                reply = self._master.call(
+                    Op.PUT_COMMIT, {"items": commits}, timeout_s=self._left(deadline, "put")
+                )
+                for i, item in zip(committed, reply["items"], strict=True):
+                    if "error" in item:
+                        errors[i] = error_from_wire(item["error"])
+        return BatchResult(
+            [
+                ItemOutcome(i, str(p[0]) if isinstance(p, tuple) else "", None, e)
+                for i, (p, e) in enumerate(zip(pairs, errors, strict=True))
+            ]
+        )
+
+    def put_from_batch(
+        self,
+        keys: Sequence[str],
+        buffers: Sequence[Value],
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+    ) -> BatchResult[None]:
+        """Zero-copy batch put of ``buffers[i]`` under ``keys[i]``."""
+        if len(keys) != len(buffers):
+            raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        return self.put_batch(zip(keys, buffers, strict=True), overwrite=overwrite, options=options)
+
+    def get_batch(self, keys: Sequence[str]) -> BatchResult[bytes]:
+        """The bytes of every key; one outcome per key (NotFound for a missing one)."""
+
+        def read(loc: _Located, deadline: float) -> bytes:
+            buf = bytearray(loc.size)
+            self._read(loc, np.frombuffer(buf, dtype=np.uint8), deadline)
+            return bytes(buf)
+
+        return self._get_many(keys, read)
+
+    def get_into_batch(self, keys: Sequence[str], buffers: Sequence[Value]) -> BatchResult[int]:
+        """Read ``keys[i]`` into ``buffers[i]`` (no copy); outcome values are the sizes read."""
+        if len(keys) != len(buffers):
+            raise InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [
+            byte_view(b, what=f"buffer for key {k!r}", writable=True)
+            for k, b in zip(keys, buffers, strict=True)
+        ]
+
+        def read_into(i: int) -> Callable[[_Located, float], int]:
+            def run(loc: _Located, deadline: float) -> int:
+                view = views[i]
+                if view.nbytes < loc.size:
+                    raise InvalidArgument(
+                        f"buffer of {view.nbytes} bytes is smaller than key {loc.key!r} "
+                        f"({loc.size} bytes)"
+                    )
+                self._read(loc, view[: loc.size], deadline)
+                return loc.size
+
+            return run
+
+        return self._get_many(keys, [read_into(i) for i in range(len(keys))])
+
+    def exists_batch(self, keys: Sequence[str]) -> BatchResult[bool]:
+        return self._simple(Op.EXISTS, keys, lambda ok: bool(ok["exists"]))
+
+    def remove_batch(self, keys: Sequence[str]) -> BatchResult[None]:
+        return self._simple(Op.REMOVE, keys, lambda ok: None)
+
+    # -- tensors -------------------------------------------------------------------------
+
+    def put_tensor(
+        self,
+        key: str,
+        tensor: object,
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+    ) -> None:
+        """Store a CPU torch tensor or numpy array; dtype and shape are kept with it."""
+        attrs = {"tensor": tensor_attrs(tensor, what=f"value of key {key!r}")}
+        self.put_batch([(key, tensor)], overwrite=overwrite, options=options, attrs=[attrs])[
+            0
+        ].unwrap()
+
+    def get_tensor(self, key: str) -> Any:
+        """A new tensor (or array) with the dtype and shape it was stored with."""
+
+        def read(loc: _Located, deadline: float) -> Any:
+            out = empty_tensor(self._tensor_attrs(loc), key=loc.key)
+            self._read(loc, byte_view(out, what=f"tensor for key {loc.key!r}"), deadline)
+            return out
+
+        return self._get_many([key], read)[0].unwrap()
+
+    def get_tensor_into(self, key: str, tensor: object) -> None:
+        """Fill a preallocated tensor (same dtype and shape) in place, without a copy."""
+        self.get_tensors_into({key: tensor})[0].unwrap()
+
+    def get_tensors_into(self, targets: Mapping[str, object]) -> BatchResult[int]:
+        """Fill every preallocated tensor of ``targets`` (key -> tensor), zero-copy."""
+        keys = list(targets)
+
+        def read_into(key: str) -> Callable[[_Located, float], int]:
+            def run(loc: _Located, deadline: float) -> int:
+                tensor = targets[key]
+                check_matches(tensor, self._tensor_attrs(loc), key=key)
+                self._read(
+                    loc, byte_view(tensor, what=f"tensor for key {key!r}", writable=True), deadline
+                )
+                return loc.size
+
+            return run
+
+        return self._get_many(keys, [read_into(k) for k in keys])
+
+    @staticmethod
+    def _tensor_attrs(loc: _Located) -> dict[str, Any]:
+        attrs = loc.attrs.get("tensor")
+        if not isinstance(attrs, dict):
+            raise InvalidArgument(f"key {loc.key!r} was not stored with put_tensor")
+        return attrs
+
+    # -- state dicts (the weight-update path) --------------------------------------------
+
+    def publish_state_dict(
+        self,
+        prefix: str,
+        state_dict: Mapping[str, object],
+        *,
+        version: int,
+        options: PutOptions | None = None,
+        keep_versions: int = 2,
+    ) -> None:
+        """Publish every tensor under ``{prefix}/v{version}/``, then point readers at it.
+
+        One writer: versions must increase. Readers of an older version keep their leases;
+        versions older than the newest ``keep_versions`` are removed.
+        """
+        if not isinstance(version, int) or version < 0:
+            raise InvalidArgument(f"version must be an int >= 0, got {version!r}")
+        base = f"{prefix}/v{version}"
+        manifest: dict[str, Any] = {}
+        items: list[tuple[str, object]] = []
+        attrs: list[dict[str, Any] | None] = []
+        for name, tensor in state_dict.items():
+            tattrs = tensor_attrs(tensor, what=f"state_dict[{name!r}]")
+            manifest[name] = tattrs
+            items.append((f"{base}/t/{name}", tensor))
+            attrs.append({"tensor": tattrs})
+        self.put_batch(items, options=options, attrs=attrs).raise_for_errors()
+        self.put(
+            f"{base}/manifest",
+            json.dumps({"version": version, "tensors": manifest}).encode(),
+            options=options,
+        )
+        self.put(f"{prefix}/latest", str(version).encode(), overwrite=True, options=options)
+        for old in range(max(0, version - 64), version - keep_versions + 1):
+            self._drop_version(prefix, old)
+
+    def _drop_version(self, prefix: str, version: int) -> None:
+        base = f"{prefix}/v{version}"
+        try:
+            manifest = json.loads(self.get(f"{base}/manifest"))
+        except NotFound:
+            return
+        keys = [f"{base}/t/{name}" for name in manifest["tensors"]] + [f"{base}/manifest"]
+        self.remove_batch(keys)
+
+    def latest_version(self, prefix: str) -> int:
+        """The version readers of ``prefix`` load by default; raises NotFound."""
+        return int(self.get(f"{prefix}/latest"))
+
+    def load_state_dict(
+        self,
+        prefix: str,
+        into: Mapping[str, object] | None = None,
+        *,
+        version: int | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """(version, state_dict) of ``prefix``: the latest one unless ``version`` is given.
+
+        With ``into`` (name -> preallocated tensor of the published dtype and shape), the bytes
+        land in those tensors without a copy and they are returned.
+        """
+        if version is None:
+            version = self.latest_version(prefix)
+        base = f"{prefix}/v{version}"
+        manifest = json.loads(self.get(f"{base}/manifest"))["tensors"]
+        if into is None:
+            keys = [f"{base}/t/{name}" for name in manifest]
+
+            def read(loc: _Located, deadline: float) -> Any:
+                out = empty_tensor(self._tensor_attrs(loc), key=loc.key)
+                self._read(loc, byte_view(out, what=loc.key), deadline)
+                return out
+
+            values = self._get_many(keys, read).values()
+            return version, dict(zip(manifest, values, strict=True))
+        missing = set(manifest) ^ set(into)
+        if missing:
+            raise InvalidArgument(
+                f"state_dict of {base!r} and the destination differ in {sorted(missing)[:5]}"
+            )
+        self.get_tensors_into(
+            {f"{base}/t/{name}": into[name] for name in manifest}
+        ).raise_for_errors()
+        return version, dict(into)
+
+    # -- introspection -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The master's view: objects, bytes, nodes, per-segment usage and fragmentation."""
+        return self._master.call_retrying(Op.STATS, {}, timeout_s=self.config.timeout_s)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _left(self, deadline: float, what: str, key: str | None = None) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StoreTimeout(what, timeout_s=self.config.timeout_s, key=key)
+        return left
+
+    def _write(
+        self, key: str, view: np.ndarray, replicas: list[list[Any]], deadline: float
+    ) -> list[int]:
+        """Write every replica; returns the indices that failed. Raises ReplicaUnavailable
+        only if all failed (the master re-replicates what is missing after the commit)."""
+        if not view.nbytes:
+            return []
+        failed: list[int] = []
+        reasons: list[str] = []
+        for index, (node, segment, offset, _tier) in enumerate(replicas):
+            try:
+                self._write_one(view, str(segment), int(offset), key, deadline)
+            except TransferError as exc:
+                failed.append(index)
+                reasons.append(f"write to node {node!r}: {exc}")
+        if len(failed) == len(replicas):
+            raise ReplicaUnavailable(key, reasons=reasons)
+        return failed
+
+    def _write_one(
+        self, view: np.ndarray, segment: str, offset: int, key: str, deadline: float
+    ) -> None:
+        # A live segment's record may be missing for a moment (the metadata service restarted
+        # with the master; the node re-publishes it within a second): retry that briefly.
+        give_up = min(deadline, time.monotonic() + _SEGMENT_RETRY_S)
+        delay = 0.02
+        while True:
+            try:
+                self._engine.write_tensor(
+                    view,
+                    segment,
+                    remote_offset=offset,
+                    timeout_s=self._left(deadline, f"put of key {key!r}", key),
+                )
+                return
+            except SegmentNotFound:
+                if time.monotonic() + delay >= give_up:
+                    raise
+            time.sleep(delay)  # back-off before resolving the segment again
+            delay = min(delay * 2, 0.25)
+
+    def _read(self, loc: _Located, view: np.ndarray, deadline: float) -> None:
+        """Fill ``view`` (exactly loc.size bytes) from a replica, failing over in order."""
+        if not loc.size:
+            return
+        reasons: list[str] = []
+        for node, segment, offset in loc.replicas:
+            try:
+                self._engine.read_into_tensor(
+                    view,
+                    segment,
+                    remote_offset=offset,
+                    timeout_s=self._left(deadline, f"get of key {loc.key!r}", loc.key),
+                )
+            except TransferError as exc:
+                reasons.append(f"node {node!r}: {exc}")
+                continue
+            if not self.config.verify_checksums:
+                return
+            actual = zlib.crc32(view.data)
+            if actual == loc.checksum:
+                return
+            reasons.append(
+                str(ChecksumMismatch(loc.key, expected=loc.checksum, actual=actual, replica=node))
+            )
+        if not loc.replicas:
+            reasons.append("no live replica")
+        raise ReplicaUnavailable(loc.key, reasons=reasons)
+
+    def _locate(self, keys: Sequence[str], deadline: float) -> list[_Located | StoreError]:
+        out: list[_Located | StoreError] = []
+        valid: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                check_key(key)
+                valid.append(i)
+                out.append(StoreError("unresolved"))
+            except StoreError as exc:
+                out.append(exc)
+        if valid:
+            reply = self._master.call_retrying(
+                Op.GET,
+                {"items": [{"key": keys[i]} for i in valid]},
+                timeout_s=self._left(deadline, "get"),
+            )
+            for i, item in zip(valid, reply["items"], strict=True):
+                if "error" in item:
+                    out[i] = error_from_wire(item["error"])
+                    continue
+                out[i] = self._located(keys[i], item["ok"])
+        return out
+
+    @staticmethod
+    def _located(key: str, ok: dict[str, Any]) -> _Located:
+        return _Located(
+            key=key,
+            size=int(ok["size"]),
+            checksum=int(ok["checksum"]),
+            attrs=dict(ok.get("attrs") or {}),
+            replicas=[(str(n), str(s), int(o)) for n, s, o in ok["replicas"]],
+        )
+
+    def _get_many(
+        self,
+        keys: Sequence[str],
+        reader: Callable[[_Located, float], T] | Sequence[Callable[[_Located, float], T]],
+    ) -> BatchResult[T]:
+        deadline = time.monotonic() + self.config.timeout_s
+        keys = list(keys)
+        readers = list(reader) if isinstance(reader, Sequence) else [reader] * len(keys)
+        located = self._locate(keys, deadline)
+
+        def one(i: int) -> ItemOutcome[T]:
+            loc = located[i]
+            delay = 0.01
+            while True:
+                try:
+                    if isinstance(loc, StoreError):
+                        raise loc
+                    return ItemOutcome(i, keys[i], readers[i](loc, deadline), None)
+                except ReplicaUnavailable as exc:
+                    # Replicas moved (node died, master restarted): ask again until the deadline.
+                    if time.monotonic() + delay >= deadline:
+                        return ItemOutcome(i, keys[i], None, exc)
+                    time.sleep(delay)  # back-off before asking the master again
+                    delay = min(delay * 2, 0.25)
+                    try:
+                        loc = self._locate([keys[i]], deadline)[0]
+                    except StoreError as err:
+                        return ItemOutcome(i, keys[i], None, err)
+                except StoreError as exc:
+                    return ItemOutcome(i, keys[i], None, exc)
+
+        total = sum(loc.size for loc in located if isinstance(loc, _Located))
+        if len(keys) > 1 and total >= _PARALLEL_BYTES:
+            with self._pool_lock:
+                pool = self._pool
+                if pool is None:
+                    pool = ThreadPoolExecutor(
+                        _TRANSFER_THREADS, thread_name_prefix="kvstack-store-io"
+                    )
+                    self._pool = pool
+            outcomes = list(pool.map(one, range(len(keys))))
+        else:
+            outcomes = [one(i) for i in range(len(keys))]
+        return BatchResult(outcomes)
+
+    def _simple(
+        self, op: Op, keys: Sequence[str], value: Callable[[dict[str, Any]], T]
+    ) -> BatchResult[T]:
+        errors: dict[int, StoreError] = {}
+        valid: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                check_key(key)
+                valid.append(i)
+            except StoreError as exc:
+                errors[i] = exc
+        results: dict[int, T] = {}
+        if valid:
+            call = self._master.call_retrying if op is Op.EXISTS else self._master.call
+            reply = call(
+                op, {"items": [{"key": keys[i]} for i in valid]}, timeout_s=self.config.timeout_s
+            )
+            for i, item in zip(valid, reply["items"], strict=True):
+                if "error" in item:
+                    errors[i] = error_from_wire(item["error"])
+                else:
+                    results[i] = value(item["ok"])
+        return BatchResult(
+            [ItemOutcome(i, k, results.get(i), errors.get(i)) for i, k in enumerate(keys)]
+        )
+
+
+class AsyncStoreClient:
+    """The asyncio face of StoreClient: each call runs the sync one on this client's executor."""
+
+    def __init__(
+        self, config: ClientConfig | None = None, *, _client: StoreClient | None = None
+    ) -> None:
+        self._sync = _client or StoreClient(config)
+        self._executor = ThreadPoolExecutor(
+            self._sync.config.async_workers, thread_name_prefix="kvstack-store-async"
+        )
+
+    @classmethod
+    def embedded(
+        cls, memory: int | str = "256MiB", *, disk_dir: str | None = None
+    ) -> AsyncStoreClient:
+        """An AsyncStoreClient over a whole store in this process (see StoreClient.embedded)."""
+        return cls(_client=StoreClient.embedded(memory, disk_dir=disk_dir))
+
+    @property
+    def sync(self) -> StoreClient:
+        return self._sync
+
+    async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def __aenter__(self) -> AsyncStoreClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._run(self._sync.close)
+        self._executor.shutdown(wait=False)
+
+    async def put(
+        self, key: str, data: Value, *, overwrite: bool = False, options: PutOptions | None = None
+    ) -> None:
+        await self._run(self._sync.put, key, data, overwrite=overwrite, options=options)
+
+    async def put_from(
+        self, key: str, buffer: Value, *, overwrite: bool = False, options: PutOptions | None = None
+    ) -> None:
+        await self._run(self._sync.put_from, key, buffer, overwrite=overwrite, options=options)
+
+    async def get(self, key: str) -> bytes:
+        return await self._run(self._sync.get, key)
+
+    async def get_into(self, key: str, buffer: Value) -> int:
+        return await self._run(self._sync.get_into, key, buffer)
+
+    async def exists(self, key: str) -> bool:
+        return await self._run(self._sync.exists, key)
+
+    async def remove(self, key: str) -> None:
+        await self._run(self._sync.remove, key)
+
+    async def put_batch(
+        self,
+        items: Mapping[str, Value] | Iterable[tuple[str, Value]],
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+    ) -> BatchResult[None]:
+        return await self._run(self._sync.put_batch, items, overwrite=overwrite, options=options)
+
+    async def get_batch(self, keys: Sequence[str]) -> BatchResult[bytes]:
+        return await self._run(self._sync.get_batch, keys)
+
+    async def get_into_batch(
+        self, keys: Sequence[str], buffers: Sequence[Value]
+    ) -> BatchResult[int]:
+        return await self._run(self._sync.get_into_batch, keys, buffers)
+
+    async def exists_batch(self, keys: Sequence[str]) -> BatchResult[bool]:
+        return await self._run(self._sync.exists_batch, keys)
+
+    async def remove_batch(self, keys: Sequence[str]) -> BatchResult[None]:
+        return await self._run(self._sync.remove_batch, keys)
+
+    async def put_tensor(
+        self,
+        key: str,
+        tensor: object,
+        *,
+        overwrite: bool = False,
+        options: PutOptions | None = None,
+    ) -> None:
+        await self._run(self._sync.put_tensor, key, tensor, overwrite=overwrite, options=options)
+
+    async def get_tensor(self, key: str) -> Any:
+        return await self._run(self._sync.get_tensor, key)
+
+    async def get_tensor_into(self, key: str, tensor: object) -> None:
+        await self._run(self._sync.get_tensor_into, key, tensor)
+
+    async def publish_state_dict(
+        self,
+        prefix: str,
+        state_dict: Mapping[str, object],
+        *,
+        version: int,
+        options: PutOptions | None = None,
+        keep_versions: int = 2,
+    ) -> None:
+        await self._run(
+            self._sync.publish_state_dict,
+            prefix,
+            state_dict,
+            version=version,
+            options=options,
+            keep_versions=keep_versions,
+        )
+
+    async def load_state_dict(
+        self, prefix: str, into: Mapping[str, object] | None = None, *, version: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        return await self._run(self._sync.load_state_dict, prefix, into, version=version)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._run(self._sync.stats)

@@ -1,0 +1,282 @@
+"""The master's wire format: a fixed struct header, then a JSON payload.
+
+Header (big-endian, 20 bytes): magic ``b"KVS1"``, version u8, op u8, flags u16, request id
+u64, payload length u32. A reply carries the request's op and id with FLAG_REPLY set, and
+FLAG_ERROR when the payload is an error (``StoreError.to_wire()``). Bad magic, an unknown
+version or an oversized length close the connection: the stream has lost its framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import select
+import socket
+import struct
+import threading
+import time
+from contextlib import suppress
+from enum import IntEnum
+from typing import Any
+
+from kvstack.store.errors import (
+    MasterUnavailable,
+    ProtocolError,
+    StoreError,
+    StoreTimeout,
+    error_from_wire,
+)
+
+__all__ = ["HEADER", "MAGIC", "MasterConnection", "Op", "read_frame", "write_frame"]
+
+MAGIC = b"KVS1"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHQI")
+FLAG_REPLY = 1
+FLAG_ERROR = 2
+# Metadata only ever crosses this wire; a batch of 10k keys fits well under this.
+MAX_PAYLOAD_BYTES = 64 << 20
+_RECV_BYTES = 64 << 10
+# A pooled connection idle longer than this is checked for a hang-up before reuse.
+_STALE_CHECK_S = 0.05
+
+
+class Op(IntEnum):
+    HELLO = 1
+    REGISTER_NODE = 2
+    NODE_POLL = 3
+    PUT_START = 10
+    PUT_COMMIT = 11
+    PUT_ABORT = 12
+    GET = 13
+    EXISTS = 14
+    REMOVE = 15
+    STATS = 20
+    LIST = 21
+
+
+_OPS = {int(op) for op in Op}
+
+
+def pack(op: int, request_id: int, payload: bytes, *, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, request_id, len(payload)) + payload
+
+
+def parse_header(raw: bytes, *, peer: str) -> tuple[int, int, int, int]:
+    """(op, flags, request id, length); raises ProtocolError naming the bytes seen."""
+    magic, version, op, flags, request_id, length = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic in frame header {raw!r}", peer=peer)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (want {VERSION})", peer=peer)
+    if length > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(
+            f"payload of {length} bytes exceeds the limit of {MAX_PAYLOAD_BYTES}", peer=peer
+        )
+    return op, flags, request_id, length
+
+
+def decode(payload: bytes, *, peer: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload) if payload else {}
+    except ValueError:
+        raise ProtocolError(f"payload is not JSON: {payload[:64]!r}", peer=peer) from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"payload is not a JSON object: {payload[:64]!r}", peer=peer)
+    return data
+
+
+def encode(data: object) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, *, peer: str, idle_timeout_s: float, frame_timeout_s: float
+) -> tuple[int, int, int, bytes] | None:
+    """(op, flags, id, payload), or None on a clean EOF between frames."""
+    try:
+        raw = await asyncio.wait_for(reader.readexactly(HEADER.size), idle_timeout_s)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise ProtocolError(f"truncated frame header {exc.partial!r}", peer=peer) from None
+    op, flags, request_id, length = parse_header(raw, peer=peer)
+    try:
+        payload = await asyncio.wait_for(reader.readexactly(length), frame_timeout_s)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(
+            f"truncated payload: {len(exc.partial)} of {length} bytes", peer=peer
+        ) from None
+    return op, flags, request_id, payload
+
+
+async def write_frame(writer: asyncio.StreamWriter, frame: bytes, *, timeout_s: float) -> None:
+    writer.write(frame)
+    await asyncio.wait_for(writer.drain(), timeout_s)
+
+
+class _Stale(Exception):
+    """The pooled connection was closed by the master while idle."""
+
+
+class _Socket:
+    """One blocking connection; closed on any error so a half-read stream is never reused."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float) -> None:
+        self.peer = f"{host}:{port}"
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._timeout_s = timeout_s
+        self._ids = itertools.count(1)
+        # Replies usually arrive whole: one recv_into a reused buffer, not header then body.
+        self._buf = bytearray(_RECV_BYTES)
+        self.last_used = time.monotonic()
+
+    def call(self, op: int, payload: bytes, *, timeout_s: float) -> tuple[int, bytes]:
+        request_id = next(self._ids)
+        if timeout_s != self._timeout_s:
+            self.sock.settimeout(timeout_s)
+            self._timeout_s = timeout_s
+        self.sock.sendall(pack(op, request_id, payload))
+        buf = self._buf
+        got = self._fill(buf, 0, HEADER.size)
+        r_op, flags, r_id, length = parse_header(bytes(buf[: HEADER.size]), peer=self.peer)
+        end = HEADER.size + length
+        if end > len(buf):
+            buf = bytearray(end)
+            buf[:got] = self._buf[:got]
+        self._fill(buf, got, end)
+        if r_id != request_id or r_op != op or not flags & FLAG_REPLY:
+            raise ProtocolError(
+                f"reply (op {r_op}, id {r_id}) does not match request (op {op}, id {request_id})",
+                peer=self.peer,
+            )
+        return flags, bytes(buf[HEADER.size : end])
+
+    def _fill(self, buf: bytearray, got: int, need: int) -> int:
+        """Receive into ``buf`` from ``got`` until at least ``need`` bytes; returns the count.
+
+        Never reads past the reply: one request is in flight per connection.
+        """
+        view = memoryview(buf)
+        while got < need:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionError(f"connection closed by {self.peer} after {got} bytes")
+            got += k
+        return got
+
+    def closed_by_peer(self) -> bool:
+        """True if the peer hung up (or sent junk) while this connection sat idle in the pool."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            readable = poller.poll(0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)  # an idle connection has nothing to read unless it is closed
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.sock.close()
+
+
+class MasterConnection:
+    """A thread-safe pool of connections to the master; ``call`` sends one request.
+
+    Transport failures become MasterUnavailable or StoreTimeout naming the master; error
+    replies become the StoreError the master raised.
+    """
+
+    def __init__(self, address: str, *, connect_timeout_s: float = 5.0) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self._host = host
+        self._port = int(port)
+        self._connect_timeout_s = connect_timeout_s
+        self._idle: list[_Socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _take(self, timeout_s: float) -> _Socket:
+        """A pooled connection, or a new one; raises _Stale if the pooled one was closed."""
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        if sock is not None:
+            # Only a connection idle for a while can have been closed under us cheaply enough
+            # to check (a select() per call would cost more than the check saves).
+            if time.monotonic() - sock.last_used < _STALE_CHECK_S or not sock.closed_by_peer():
+                return sock
+            with self._lock:
+                stale = [sock, *self._idle]
+                self._idle = []
+            for old in stale:
+                old.close()
+            raise _Stale
+        try:
+            return _Socket(
+                self._host, self._port, timeout_s=min(timeout_s, self._connect_timeout_s)
+            )
+        except OSError as exc:
+            raise MasterUnavailable(self.address, reason=str(exc) or type(exc).__name__) from exc
+
+    def _exchange(self, op: Op, payload: bytes, timeout_s: float) -> tuple[int, bytes]:
+        sock = self._take(timeout_s)
+        try:
+            reply = sock.call(op, payload, timeout_s=timeout_s)
+        except BaseException:
+            sock.close()  # a half-read stream is never reused
+            raise
+        sock.last_used = time.monotonic()
+        with self._lock:
+            if self._closed:
+                sock.close()
+            else:
+                self._idle.append(sock)
+        return reply
+
+    def call(self, op: Op, data: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        """Send ``data`` as op; return the reply payload or raise the master's error."""
+        payload = encode(data)
+        try:
+            try:
+                flags, body = self._exchange(op, payload, timeout_s)
+            except _Stale:
+                # A pooled connection the master closed while idle (it restarted): the
+                # request never reached a live master, so it is safe to send it on a new one.
+                flags, body = self._exchange(op, payload, timeout_s)
+        except TimeoutError as exc:
+            raise StoreTimeout(
+                f"{op.name} request to master {self.address}", timeout_s=timeout_s
+            ) from exc
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise MasterUnavailable(self.address, reason=str(exc) or type(exc).__name__) from exc
+        reply = decode(body, peer=self.address)
+        if flags & FLAG_ERROR:
+            raise error_from_wire(reply)
+        return reply
+
+    def call_retrying(self, op: Op, data: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        """``call`` for idempotent ops: retry MasterUnavailable until the deadline."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.02
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.call(op, data, timeout_s=max(left, 0.01))
+            except MasterUnavailable:
+                if time.monotonic() + delay >= deadline:
+                    raise
+            time.sleep(delay)  # back-off between reconnect attempts, bounded by the deadline
+            delay = min(delay * 2, 0.5)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle = self._idle
+            self._idle = []
+        for sock in idle:
+            sock.close()

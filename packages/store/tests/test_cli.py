@@ -1,0 +1,74 @@
+"""The command line: stats, metrics, and a quick bench run that writes schema-shaped JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvstack.store.cli import main
+from tools.bench.schema import load as load_bench_json
+
+from .conftest import SHARED_HEARTBEAT_TIMEOUT_S, Cluster, free_port
+
+
+def test_stats_prints_json(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--log-level", "WARNING", "stats", "--master", cluster.address]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert {"objects", "used_bytes", "capacity_bytes", "nodes"} <= set(stats)
+
+
+def test_stats_names_an_unreachable_master(capsys: pytest.CaptureFixture[str]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["--log-level", "WARNING", "stats", "--master", address]) == 1
+    assert f"master at {address} unavailable" in capsys.readouterr().err
+
+
+def test_metrics_exported(make_cluster: Cluster) -> None:
+    port = free_port()
+    make_cluster.start_master(
+        "--metrics-port", str(port), heartbeat_timeout_s=SHARED_HEARTBEAT_TIMEOUT_S
+    )
+    make_cluster.start_node("m0", "8MiB")
+    client = make_cluster.client()
+    client.put("k", b"v")
+    client.get("k")
+    with pytest.raises(KeyError):
+        client.get("missing")
+    client.stats()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    for name in (
+        "kvstack_store_objects 1.0",
+        "kvstack_store_hits_total 1.0",
+        "kvstack_store_misses_total 1.0",
+        'kvstack_store_used_bytes{node="m0"',
+        'kvstack_store_op_seconds_bucket{le="0.001",op="GET"}',
+        "kvstack_store_evictions_total",
+        "kvstack_store_lease_waits_total",
+    ):
+        assert name in text, name
+
+
+def test_bench_quick_writes_schema_json(tmp_path: Path) -> None:
+    out = tmp_path / "store.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvstack.store", "--log-level", "WARNING", "bench", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "4 KiB get p50" in proc.stdout  # the table on stdout, progress on stderr
+    assert "[bench]" in proc.stderr
+    document = load_bench_json(out)  # validates against kvstack-bench/1
+    assert document["suite"] == "store"
+    names = [r["name"] for r in document["results"]]
+    assert len(names) == len(set(names))
+    assert {"4 KiB put p50", "1 MiB get", "batch get_into 64 x 1 MiB"} <= set(names)
+    for result in document["results"]:
+        assert result["value"] > 0
+        assert result["baseline"]["value"] > 0
