@@ -1,5 +1,82 @@
 """The transfer engine: registered memory segments, batched zero-copy reads and writes between
 processes and hosts (shared memory, TCP, CUDA), and the metadata service that names segments.
+
+    engine = Engine(EngineConfig(metadata_url="http://127.0.0.1:7710"))  # or redis://, memory://
+    kv = engine.allocate("kv0", "64MiB")          # shareable (shm) segment, a uint8 array
+    engine.register("weights", tensor)            # bytes-like, numpy, CPU or CUDA torch tensor
+    batch = engine.submit([TransferRequest(Op.WRITE, "kv0", 0, "peer-kv", 4096, 16384), ...])
+    batch.wait(); batch.raise_for_errors()        # or poll(), statuses(), add_done_callback()
+    engine.read("kv0", "peer-kv", 4096)           # one-off helpers raise the request's error
+    engine.write_tensor(tensor, "peer-kv")        # tensor helpers
+
+``AsyncEngine`` offers the same API for asyncio. The transport per peer is the fastest that
+can reach it (``local`` same process, ``cuda`` CUDA IPC, ``shm`` same host, ``tcp``), or the
+one named by ``transport=``. Errors live in ``kvstack.transfer.errors``; configuration in
+``EngineConfig`` and the KVSTACK_TRANSFER_* variables (``_env.py``). Command line:
+``kvstack-transfer metadata`` and ``kvstack-transfer bench``.
 """
 
-__all__: list[str] = []
+from kvstack.transfer._async import AsyncEngine
+from kvstack.transfer._batch import Batch
+from kvstack.transfer._config import EngineConfig, format_size, parse_size
+from kvstack.transfer._engine import Engine
+from kvstack.transfer._metadata import MetadataBackend, open_metadata
+from kvstack.transfer._metadata_server import MetadataServer
+from kvstack.transfer._transport import Transport
+from kvstack.transfer._types import (
+    Op,
+    RequestStatus,
+    SegmentInfo,
+    TransferOutcome,
+    TransferRequest,
+)
+from kvstack.transfer.errors import (
+    AuthenticationFailed,
+    BatchFailed,
+    ConfigError,
+    InvalidRequest,
+    MetadataError,
+    OutOfBounds,
+    PeerError,
+    PeerUnavailable,
+    ProtocolError,
+    SegmentExists,
+    SegmentNotFound,
+    SegmentReadOnly,
+    TransferError,
+    TransferTimeout,
+    TransportUnavailable,
+)
+
+__all__ = [
+    "AsyncEngine",
+    "AuthenticationFailed",
+    "Batch",
+    "BatchFailed",
+    "ConfigError",
+    "Engine",
+    "EngineConfig",
+    "InvalidRequest",
+    "MetadataBackend",
+    "MetadataError",
+    "MetadataServer",
+    "Op",
+    "OutOfBounds",
+    "PeerError",
+    "PeerUnavailable",
+    "ProtocolError",
+    "RequestStatus",
+    "SegmentExists",
+    "SegmentInfo",
+    "SegmentNotFound",
+    "SegmentReadOnly",
+    "TransferError",
+    "TransferOutcome",
+    "TransferRequest",
+    "TransferTimeout",
+    "Transport",
+    "TransportUnavailable",
+    "format_size",
+    "open_metadata",
+    "parse_size",
+]

@@ -1,0 +1,562 @@
+"""Engine: registers this process's segments, serves them to peers and issues transfers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstack.transfer import _metrics
+from kvstack.transfer._batch import Batch, Pages, Route, Work
+from kvstack.transfer._config import EngineConfig, parse_size
+from kvstack.transfer._cuda import CudaTransport, ipc_descriptor
+from kvstack.transfer._memory import (
+    LocalSegment,
+    host_id,
+    is_alive,
+    segment_from_buffer,
+    shm_segment,
+    sweep_stale_shm,
+)
+from kvstack.transfer._metadata import MetadataBackend, open_metadata
+from kvstack.transfer._tcp import TcpServer, TcpTransport
+from kvstack.transfer._transport import LOCAL_OWNERS, LocalTransport, ShmTransport, Transport
+from kvstack.transfer._types import Op, SegmentInfo, TransferRequest
+from kvstack.transfer.errors import (
+    InvalidRequest,
+    OutOfBounds,
+    PeerUnavailable,
+    ProtocolError,
+    SegmentExists,
+    SegmentNotFound,
+    TransferError,
+    TransportUnavailable,
+)
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_NAME_CHARS = 255
+_READ = Op.READ  # hot loops: skip the enum descriptor
+# Batches at least this long try the array path for KV-page handoffs (see _pages_fast_path).
+_PAGES_MIN = 8
+
+
+def _unlink_all(segments: dict[str, LocalSegment]) -> None:
+    # At interpreter exit (or GC of a forgotten Engine): leave no /dev/shm files behind.
+    for segment in list(segments.values()):
+        if segment.shm is not None:
+            segment.shm.unlink()
+
+
+class Engine:
+    """One per process: owns segments, serves peers over tcp, and moves bytes in batches.
+
+    Thread-safe: any thread may register, submit and wait. Close it (or use ``with``) to
+    unregister its segments; a killed process's segments vanish by pid check (same host) or
+    metadata TTL (other hosts).
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.id = uuid.uuid4().hex
+        self._host_id = host_id()
+        self._segments: dict[str, LocalSegment] = {}
+        self._published: dict[str, SegmentInfo] = {}
+        self._cache: dict[str, SegmentInfo] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._metadata: MetadataBackend = open_metadata(
+            self.config.metadata_url,
+            token=self.config.token,
+            timeout_s=self.config.connect_timeout_s,
+        )
+        if "shm" in self.config.transports:
+            sweep_stale_shm()
+        self._server = TcpServer(
+            host=self.config.host,
+            port=self.config.tcp_port,
+            token=self.config.token,
+            owner=self.id,
+            lookup=self._served,
+        )
+        self.address = self._server.address
+        self._tcp = TcpTransport(
+            token=self.config.token,
+            connections=self.config.tcp_connections,
+            stripe_bytes=self.config.tcp_stripe_bytes,
+            connect_timeout_s=self.config.connect_timeout_s,
+        )
+        self._shm = ShmTransport()
+        self._transports: dict[str, Transport] = {
+            "local": LocalTransport(),
+            "cuda": CudaTransport(),
+            "shm": self._shm,
+            "tcp": self._tcp,
+        }
+        self.metrics_port: int | None = None
+        if self.config.metrics_port is not None:
+            self.metrics_port = _metrics.start_exporter(self.config.metrics_port)
+        LOCAL_OWNERS[self.id] = self._segments
+        self._finalizer = weakref.finalize(self, _unlink_all, self._segments)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop,
+            name=f"kvstack-transfer-heartbeat-{self.address}",
+            daemon=True,
+        )
+        self._heartbeat.start()
+        logger.info(
+            "engine %s serving on %s (metadata %s)", self.id, self.address, self._metadata.url
+        )
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.id[:8]} at {self.address}, {len(self._segments)} segments>"
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- segments -----------------------------------------------------------------------
+
+    def register(self, name: str, buffer: object, *, readonly: bool = False) -> SegmentInfo:
+        """Publish ``buffer`` (bytes-like, numpy array, CPU/CUDA torch tensor) as ``name``.
+
+        No copy is made: peers read and write the buffer's own memory, which must outlive the
+        registration. ``readonly`` refuses peers' WRITEs. Raises SegmentExists, InvalidRequest.
+        """
+        segment = segment_from_buffer(self._check_name(name), buffer)
+        if readonly:
+            segment.readonly = True
+        return self._publish(segment)
+
+    def allocate(self, name: str, size_bytes: int | str) -> np.ndarray:
+        """Allocate a shared-memory segment (zeroed) and return it as a uint8 array.
+
+        Peers on this host map it directly (the ``shm`` transport); others use tcp.
+        """
+        size = parse_size(size_bytes)
+        segment = shm_segment(self._check_name(name), size)
+        try:
+            self._publish(segment)
+        except BaseException:
+            segment.close()
+            raise
+        if segment.host is None:
+            raise InvalidRequest(f"segment {name!r} has no host memory")
+        return segment.host
+
+    def unregister(self, name: str) -> None:
+        """Withdraw a segment; peers' later requests on it fail with SegmentNotFound."""
+        with self._lock:
+            segment = self._segments.pop(name, None)
+            info = self._published.pop(name, None)
+        if segment is None:
+            raise SegmentNotFound(name, peer=self.address)
+        if info is not None:
+            try:
+                self._metadata.delete(name, owner=self.id)
+            except TransferError as exc:
+                logger.warning("could not unregister %r from metadata: %s", name, exc)
+        segment.close()
+        logger.info("segment %r unregistered", name)
+
+    def segments(self) -> list[SegmentInfo]:
+        """Records of this engine's published segments."""
+        with self._lock:
+            return list(self._published.values())
+
+    def array(self, name: str) -> np.ndarray:
+        """The host memory of local segment ``name`` as a uint8 array (no copy)."""
+        segment = self._local(name)
+        if segment.host is None:
+            raise InvalidRequest(f"segment {name!r} is on {segment.device}, not host memory")
+        return segment.host
+
+    def lookup(self, name: str) -> SegmentInfo:
+        """Resolve any live segment (cached); raises SegmentNotFound or MetadataError."""
+        info = self._cache.get(name)
+        if info is not None:
+            return info
+        info = self._metadata.get(name)
+        if info.host_id == self._host_id and not is_alive(info.pid):
+            # Its owner was killed before it could unregister: clean up on its behalf.
+            self._metadata.delete(name, owner=info.owner)
+            raise SegmentNotFound(name)
+        self._cache[name] = info
+        return info
+
+    def wait_for(self, name: str, *, timeout_s: float) -> SegmentInfo:
+        """Wait until some peer registers ``name``; raises SegmentNotFound after timeout_s."""
+        try:
+            return self.lookup(name)
+        except SegmentNotFound:
+            self._metadata.watch(name, timeout_s=timeout_s)
+            return self.lookup(name)
+
+    def _check_name(self, name: str) -> str:
+        if self._closed:
+            raise TransferError("engine is closed")
+        if not isinstance(name, str) or not name or len(name) > _MAX_NAME_CHARS:
+            raise InvalidRequest(
+                f"segment name must be 1..{_MAX_NAME_CHARS} characters, got {name!r}"
+            )
+        return name
+
+    def _publish(self, segment: LocalSegment) -> SegmentInfo:
+        name = segment.name
+        cuda = ipc_descriptor(segment.cuda) if segment.cuda is not None else None
+        info = SegmentInfo(
+            name=name,
+            size_bytes=segment.size_bytes,
+            owner=self.id,
+            host_id=self._host_id,
+            pid=os.getpid(),
+            tcp_address=self.address,
+            device=segment.device,
+            readonly=segment.readonly,
+            shm_name=segment.shm.name if segment.shm is not None else None,
+            cuda_ipc=cuda,
+        )
+        segment.published = True  # before the metadata names it: peers may come at once
+        with self._lock:
+            if name in self._segments:
+                raise SegmentExists(name, peer=self.address)
+            self._segments[name] = segment
+        try:
+            try:
+                self._metadata.put(info, ttl_s=self.config.metadata_ttl_s)
+            except SegmentExists:
+                old = self._metadata.get(name)
+                if old.host_id != self._host_id or is_alive(old.pid):
+                    raise
+                logger.info("taking over segment %r from dead process %d", name, old.pid)
+                self._metadata.put(info, ttl_s=self.config.metadata_ttl_s, replace=True)
+        except BaseException:
+            with self._lock:
+                self._segments.pop(name, None)
+            raise
+        with self._lock:
+            self._published[name] = info
+        logger.info("segment %r registered (%d bytes, %s)", name, info.size_bytes, info.device)
+        return info
+
+    def _served(self, name: str) -> LocalSegment | None:
+        # Peers reach published segments only, never a tensor helper's private one.
+        segment = self._segments.get(name)
+        return segment if segment is not None and segment.published else None
+
+    def _local(self, name: str) -> LocalSegment:
+        segment = self._segments.get(name)
+        if segment is None:
+            raise SegmentNotFound(name, peer=self.address)
+        return segment
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.metadata_ttl_s / 3
+        while not self._stop.wait(interval):
+            with self._lock:
+                infos = list(self._published.values())
+            for info in infos:
+                try:
+                    self._metadata.put(info, ttl_s=self.config.metadata_ttl_s)
+                except TransferError as exc:
+                    logger.warning("heartbeat for segment %r failed: %s", info.name, exc)
+
+    # -- transfers ----------------------------------------------------------------------
+
+    def submit(self, requests: Sequence[TransferRequest], *, transport: str | None = None) -> Batch:
+        """Start a batch; returns at once for shm (already copied) or once tcp frames are queued.
+
+        ``transport`` forces one transport ("shm", "tcp", "cuda", "local") for every request.
+        Invalid requests fail in the batch (see ``Batch.failures()``); this raises only if the
+        engine is closed.
+        """
+        return self._submit(requests, transport=transport, sync=False)
+
+    def _submit(
+        self, requests: Sequence[TransferRequest], *, transport: str | None, sync: bool
+    ) -> Batch:
+        # sync: the caller waits for the batch at once (read/write helpers), see TcpTransport.call.
+        if self._closed:
+            raise TransferError("engine is closed")
+        batch = Batch(
+            requests, default_timeout_s=self.config.request_timeout_s, on_error=self._on_error
+        )
+        if len(batch.requests) >= _PAGES_MIN and self._pages_fast_path(batch, transport):
+            return batch
+        groups: dict[str, list[Work]] = {}
+        # Per-batch memo: a KV handoff names the same two segments hundreds of times.
+        # Keyed by (name, is-READ): hashing the Op enum would run Python code per request.
+        routes: dict[tuple[str, bool], tuple[Route, list[Work]]] = {}
+        segments = self._segments
+        works = batch._works
+        for index, request in enumerate(batch.requests):
+            try:
+                if not isinstance(request, TransferRequest):
+                    raise InvalidRequest(
+                        f"request {index} is a {type(request).__name__}, not a TransferRequest"
+                    )
+                local = segments.get(request.local)
+                if local is None:
+                    raise SegmentNotFound(request.local, peer=self.address)
+                if request.local_offset + request.length > local.size_bytes or (
+                    local.readonly and request.op is _READ
+                ):
+                    local.check(  # raises the precise error
+                        request.local_offset,
+                        request.length,
+                        op=request.op.value,
+                        writing=request.op is _READ,
+                    )
+                key = (request.remote, request.op is _READ)
+                memo = routes.get(key)
+                if memo is None:
+                    info = self.lookup(request.remote)
+                    chosen = self._pick(info, transport).name
+                    route = Route(info, chosen, request.op.value)
+                    batch._routes.append(route)
+                    memo = (route, groups.setdefault(chosen, []))
+                    routes[key] = memo
+            except TransferError as exc:
+                batch._fail(index, exc)
+                continue
+            route, group = memo
+            route.totals[0] += 1
+            route.totals[1] += request.length
+            if request.timeout_s is not None:
+                batch._timeouts[index] = request.timeout_s
+            work = works[index] = Work(batch, index, request, local, route)
+            group.append(work)
+        for name, works in groups.items():
+            if sync and name == "tcp":
+                self._tcp.call(works)  # the caller waits anyway: let it read its own reply
+            else:
+                self._transports[name].submit(works)
+        return batch
+
+    def _pages_fast_path(self, batch: Batch, transport: str | None) -> bool:
+        """A KV handoff: many requests, one local host and one remote segment, one op.
+
+        Checked as arrays and handed to shm (copied at once) or tcp (vectored frames) with no
+        per-request objects; False (nothing done) sends the batch down the general path, which
+        also names each bad request precisely.
+        """
+        requests = batch.requests
+        first = requests[0]
+        if not isinstance(first, TransferRequest):
+            return False
+        local_name, remote_name, op = first.local, first.remote, first.op
+        for r in requests:
+            if (
+                r.__class__ is not TransferRequest
+                or r.local != local_name
+                or r.remote != remote_name
+                or r.op is not op
+                or r.timeout_s is not None
+            ):
+                return False
+        local = self._segments.get(local_name)
+        if local is None or local.host is None or (op is _READ and local.readonly):
+            return False
+        try:
+            info = self.lookup(remote_name)
+            chosen = self._pick(info, transport)
+        except TransferError:
+            return False
+        if chosen is not self._shm and chosen is not self._tcp:
+            return False
+        n = len(requests)
+        try:
+            local_offsets = np.fromiter((r.local_offset for r in requests), np.int64, n)
+            remote_offsets = np.fromiter((r.remote_offset for r in requests), np.int64, n)
+            lengths = np.fromiter((r.length for r in requests), np.int64, n)
+        except OverflowError:  # offsets past 2**63: certainly out of bounds, let the checks say so
+            return False
+        # Overflow-free: offset <= size first, then length <= size - offset.
+        if (
+            (local_offsets > local.size_bytes).any()
+            or (lengths > local.size_bytes - local_offsets).any()
+            or (remote_offsets > info.size_bytes).any()
+            or (lengths > info.size_bytes - remote_offsets).any()
+            or (op is not _READ and info.readonly)
+        ):
+            return False
+        route = Route(info, chosen.name, op.value)
+        route.totals = [n, int(lengths.sum())]
+        pages = Pages(route, local, op, local_offsets, remote_offsets, lengths)
+        if chosen is self._shm:
+            if not self._shm.copy_pages(pages):
+                return False
+            batch._routes.append(route)
+            batch._done_all()
+            return True
+        batch._routes.append(route)
+        if not self._tcp.submit_pages(batch, pages):
+            batch._routes.remove(route)
+            return False
+        return True
+
+    def _pick(self, info: SegmentInfo, forced: str | None) -> Transport:
+        names = (forced,) if forced else self.config.transports
+        for name in names:
+            chosen = self._transports.get(name)
+            if chosen is not None and chosen.can_reach(info):
+                return chosen
+        raise TransportUnavailable(
+            f"no transport of {list(names)} can reach segment {info.name!r} ({info.device})",
+            peer=info.peer,
+        )
+
+    def _on_error(self, request: TransferRequest, error: TransferError) -> None:
+        # The owner may have restarted, withdrawn or re-registered (resized) the segment:
+        # resolve it afresh next time.
+        if isinstance(error, SegmentNotFound | PeerUnavailable | ProtocolError | OutOfBounds):
+            self._cache.pop(request.remote, None)
+
+    def transfer(
+        self, requests: Sequence[TransferRequest], *, transport: str | None = None
+    ) -> None:
+        """Submit, wait, and raise BatchFailed naming every failed request, if any."""
+        batch = self.submit(requests, transport=transport)
+        batch._wait(None)
+        batch.raise_for_errors()
+
+    def _one(self, request: TransferRequest, transport: str | None) -> None:
+        batch = self._submit([request], transport=transport, sync=True)
+        batch._wait(None)
+        error = batch._errors[0]
+        if error is not None:
+            raise error
+
+    def read(
+        self,
+        local: str,
+        remote: str,
+        length: int,
+        *,
+        local_offset: int = 0,
+        remote_offset: int = 0,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Copy ``length`` bytes of segment ``remote`` into local ``local``; raises its error."""
+        request = TransferRequest(
+            Op.READ, local, local_offset, remote, remote_offset, length, timeout_s
+        )
+        self._one(request, transport)
+
+    def write(
+        self,
+        local: str,
+        remote: str,
+        length: int,
+        *,
+        local_offset: int = 0,
+        remote_offset: int = 0,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Copy ``length`` bytes of local ``local`` into segment ``remote``; raises its error."""
+        request = TransferRequest(
+            Op.WRITE, local, local_offset, remote, remote_offset, length, timeout_s
+        )
+        self._one(request, transport)
+
+    def write_tensor(
+        self,
+        tensor: Any,
+        remote: str,
+        *,
+        remote_offset: int = 0,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Write the bytes of a contiguous tensor or array (CPU or CUDA) into segment ``remote``."""
+        self._tensor_op(
+            Op.WRITE,
+            tensor,
+            remote,
+            remote_offset=remote_offset,
+            timeout_s=timeout_s,
+            transport=transport,
+        )
+
+    def read_into_tensor(
+        self,
+        tensor: Any,
+        remote: str,
+        *,
+        remote_offset: int = 0,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Fill a contiguous tensor or array (CPU or CUDA) with bytes of segment ``remote``."""
+        self._tensor_op(
+            Op.READ,
+            tensor,
+            remote,
+            remote_offset=remote_offset,
+            timeout_s=timeout_s,
+            transport=transport,
+        )
+
+    def _tensor_op(
+        self,
+        op: Op,
+        tensor: Any,
+        remote: str,
+        *,
+        remote_offset: int,
+        timeout_s: float | None,
+        transport: str | None,
+    ) -> None:
+        # A private, unpublished segment for the duration of the call: no metadata round trip.
+        name = f"_tensor-{uuid.uuid4().hex}"
+        segment = segment_from_buffer(name, tensor)
+        with self._lock:
+            self._segments[name] = segment
+        try:
+            request = TransferRequest(
+                op, name, 0, remote, remote_offset, segment.size_bytes, timeout_s
+            )
+            self._one(request, transport)
+        finally:
+            with self._lock:
+                self._segments.pop(name, None)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unregister every segment, stop serving, drop connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for name in list(self._published):
+            try:
+                self.unregister(name)
+            except TransferError as exc:
+                logger.warning("closing: %s", exc)
+        self._server.close()
+        for transport in self._transports.values():
+            transport.close()
+        LOCAL_OWNERS.pop(self.id, None)
+        with self._lock:
+            leftovers = list(self._segments.values())
+            self._segments.clear()
+        for segment in leftovers:
+            segment.close()
+        self._metadata.close()
+        self._heartbeat.join(timeout=5.0)
+        self._finalizer.detach()
+        logger.info("engine %s closed", self.id)

@@ -1,0 +1,50 @@
+"""Every KVSTACK_* environment variable the transfer engine reads, in one place."""
+
+from __future__ import annotations
+
+import os
+
+from kvstack.transfer.errors import ConfigError
+
+# Where segment names are resolved: http://host:port (the embedded server), redis://..., memory://
+METADATA_URL_VAR = "KVSTACK_TRANSFER_METADATA_URL"
+# Shared secret every control connection (tcp, metadata HTTP) must present.
+TOKEN_VAR = "KVSTACK_TRANSFER_TOKEN"  # noqa: S105 -- the variable's name, not a secret
+# Address the tcp server binds and advertises.
+HOST_VAR = "KVSTACK_TRANSFER_HOST"
+# Comma-separated transport names, in order of preference (e.g. "tcp" to force tcp).
+TRANSPORTS_VAR = "KVSTACK_TRANSFER_TRANSPORTS"
+# Port for the Prometheus exporter; unset means no exporter.
+METRICS_PORT_VAR = "KVSTACK_TRANSFER_METRICS_PORT"
+
+DEFAULT_METADATA_PORT = 7710
+DEFAULT_METADATA_URL = f"http://127.0.0.1:{DEFAULT_METADATA_PORT}"
+
+
+def metadata_url() -> str:
+    return os.environ.get(METADATA_URL_VAR) or DEFAULT_METADATA_URL
+
+
+def token() -> str | None:
+    return os.environ.get(TOKEN_VAR) or None
+
+
+def host() -> str:
+    return os.environ.get(HOST_VAR) or "127.0.0.1"
+
+
+def transports() -> tuple[str, ...] | None:
+    raw = os.environ.get(TRANSPORTS_VAR)
+    if not raw:
+        return None
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+
+def metrics_port() -> int | None:
+    raw = os.environ.get(METRICS_PORT_VAR)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{METRICS_PORT_VAR}={raw!r} is not an integer port") from None

@@ -1,0 +1,926 @@
+"""The tcp transport: a server that serves this engine's segments, and a client per peer.
+
+Client side: ``connections`` sockets per peer; requests are pipelined (a request id in every
+header, no per-chunk acknowledgement), large ones striped across the sockets, small ones on one
+segment packed into vectored frames (READV/WRITEV: one header and one reply for many pages), a
+batch's frames go out in one gather write (``sendmsg``) per socket, and READ replies land via
+``recv_into``/``recvmsg_into`` straight in the registered segment. Each socket has one receiver
+thread. Synchronous one-off requests (``Engine.read``/``write``) instead use the calling
+thread's own socket (a lane) and read their reply themselves: one thread wake-up less.
+
+Server side: one thread per connection reads frames through a buffer (many small frames per
+``recv``), bounds-checks every range against the segment, receives WRITE payloads straight into
+it and answers with coalesced gather writes.
+
+Deadlines: sockets carry a short timeout (a tick); at every tick a blocked send or receive
+asks whether a request it carries has expired and, if so, closes the connection (a half-read
+stream is never reused) and fails what it carried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from kvstack.transfer import _metrics
+from kvstack.transfer._batch import Batch, Pages, Work
+from kvstack.transfer._framing import (
+    HEADER,
+    MAX_ERROR_BYTES,
+    FrameOp,
+    FrameReader,
+    error_frame,
+    pack,
+    recv_exact_into,
+    send_buffers,
+    set_tick,
+    unpack,
+)
+from kvstack.transfer._memory import LocalSegment, copy_region
+from kvstack.transfer._transport import check_remote
+from kvstack.transfer._types import Op, SegmentInfo
+from kvstack.transfer.errors import (
+    AuthenticationFailed,
+    OutOfBounds,
+    PeerUnavailable,
+    ProtocolError,
+    SegmentNotFound,
+    SegmentReadOnly,
+    TransferError,
+    TransferTimeout,
+    error_from_wire,
+)
+
+__all__ = ["TcpServer", "TcpTransport"]
+
+logger = logging.getLogger(__name__)
+
+# How often a blocked socket call wakes to check deadlines (client) or liveness (server).
+_TICK_S = 0.25
+# A server gives up on a client that stalls mid-frame for this long.
+_SERVER_STALL_S = 60.0
+# Parts up to this size travel in vectored frames (one header and one reply for many pages),
+# up to this many per frame (the server reads the range table into its 256 KiB buffer).
+_VEC_PART_MAX = 256 << 10
+_VEC_MAX = 1024
+# Larger frames than this are junk (no request moves 256 TiB).
+_MAX_FRAME_BYTES = 1 << 48
+# Synchronous one-off requests up to this size use the calling thread's lane (see _Lane).
+_LANE_MAX_BYTES = 1 << 20
+# Batches writing at least this much send from one thread per connection (see submit).
+_PARALLEL_SEND_BYTES = 8 << 20
+_PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel sooner
+# Coalesced replies are sent once this many bytes wait (READ data starts flowing early).
+_FLUSH_BYTES = 256 << 10
+_MAX_TOKEN_BYTES = 4096
+
+
+def _never() -> bool:
+    return False
+
+
+def _always() -> bool:
+    return True
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TcpServer:
+    """Serves READ/WRITE on this engine's segments to authenticated peers, bounds-checked."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        token: str | None,
+        owner: str,
+        lookup: Callable[[str], LocalSegment | None],
+    ) -> None:
+        self._token = token.encode() if token else None
+        self._owner = owner
+        self._lookup = lookup
+        self._listener = socket.create_server((host, port), backlog=128)
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"kvstack-transfer-accept-{self.address}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5.0)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, addr = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            peer = f"{addr[0]}:{addr[1]}"
+            threading.Thread(
+                target=self._serve,
+                args=(conn, peer),
+                name=f"kvstack-transfer-serve-{peer}",
+                daemon=True,
+            ).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_tick(conn, _SERVER_STALL_S)
+        replies = _Replies(conn, peer)
+        reader = FrameReader(conn, peer=peer, on_idle=replies.flush)
+        try:
+            self._hello(conn, peer, reader)
+            while True:
+                header = reader.read(HEADER.size, _never)
+                op, name_len, request_id, offset, length = unpack(header, peer=peer)
+                if length > _MAX_FRAME_BYTES:  # never drain or allocate for such a frame
+                    raise ProtocolError(f"frame of {length} bytes: {header!r}", peer=peer)
+                name = reader.read(name_len, _always).decode(errors="replace")
+                if op is FrameOp.READ:
+                    self._read(replies, request_id, name=name, offset=offset, length=length)
+                elif op is FrameOp.WRITE:
+                    self._write(
+                        reader, replies, request_id, name=name, offset=offset, length=length
+                    )
+                elif op is FrameOp.READV or op is FrameOp.WRITEV:
+                    self._vector(
+                        reader, replies, op, request_id, name=name, count=offset, length=length
+                    )
+                else:
+                    raise ProtocolError(f"unexpected {op.name} frame {header!r}", peer=peer)
+        except ProtocolError as exc:
+            logger.warning("closing connection from %s: %s", peer, exc)
+            with contextlib.suppress(OSError, TransferError):
+                replies.add(error_frame(0, exc))
+                replies.flush()
+        except (TransferError, OSError) as exc:
+            logger.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _hello(self, conn: socket.socket, peer: str, reader: FrameReader) -> None:
+        header = reader.read(HEADER.size, _always)
+        op, name_len, request_id, _, length = unpack(header, peer=peer)
+        if op is not FrameOp.HELLO or length > _MAX_TOKEN_BYTES:
+            raise ProtocolError(f"expected HELLO, got {header!r}", peer=peer)
+        owner = reader.read(name_len, _always).decode(errors="replace")
+        token = reader.read(length, _always)
+        error: TransferError | None = None
+        if self._token is not None and not hmac.compare_digest(token, self._token):
+            error = AuthenticationFailed("token refused")
+        elif owner and owner != self._owner:
+            # The peer resolved a segment of a previous process on this port (stale metadata).
+            error = PeerUnavailable(f"engine {owner} is gone (this is {self._owner})")
+        if error is not None:
+            logger.warning("refusing connection from %s: %s", peer, error)
+            send_buffers(conn, error_frame(request_id, error), peer=peer, expired=_always)
+            raise error
+        send_buffers(conn, [pack(FrameOp.OK, request_id)], peer=peer, expired=_always)
+
+    def _segment(self, name: str) -> LocalSegment:
+        segment = self._lookup(name)
+        if segment is None:
+            raise SegmentNotFound(name)
+        return segment
+
+    def _read(
+        self, replies: _Replies, request_id: int, *, name: str, offset: int, length: int
+    ) -> None:
+        try:
+            region = self._segment(name).region(offset, length, op="read", writing=False)
+        except TransferError as exc:
+            replies.add(error_frame(request_id, exc))
+            return
+        if not isinstance(region, np.ndarray):  # CUDA: stage through host memory
+            staging = np.empty(length, dtype=np.uint8)
+            copy_region(staging, region)
+            region = staging
+        replies.add(
+            [pack(FrameOp.OK, request_id, offset=offset, length=length), region.data], read=True
+        )
+        _metrics.SERVED_READ.inc(length)
+
+    def _write(
+        self,
+        reader: FrameReader,
+        replies: _Replies,
+        request_id: int,
+        *,
+        name: str,
+        offset: int,
+        length: int,
+    ) -> None:
+        try:
+            region = self._segment(name).region(offset, length, op="write", writing=True)
+        except TransferError as exc:
+            reader.skip(length, _always)  # the payload is on its way: keep the stream in step
+            replies.add(error_frame(request_id, exc))
+            return
+        # Queued READ replies point at live memory: send them before this WRITE changes it, so
+        # one connection's requests keep their order.
+        replies.flush_reads()
+        if isinstance(region, np.ndarray):
+            reader.read_into(region.data, _always)
+        else:
+            staging = np.empty(length, dtype=np.uint8)
+            reader.read_into(staging.data, _always)
+            copy_region(region, staging)
+        replies.add([pack(FrameOp.OK, request_id)])
+        _metrics.SERVED_WRITE.inc(length)
+
+    def _vector(
+        self,
+        reader: FrameReader,
+        replies: _Replies,
+        op: FrameOp,
+        request_id: int,
+        *,
+        name: str,
+        count: int,
+        length: int,
+    ) -> None:
+        if count > _VEC_MAX or length > _MAX_FRAME_BYTES:
+            raise ProtocolError(
+                f"vectored frame of {count} ranges, {length} bytes", peer=reader.peer
+            )
+        ranges = np.frombuffer(reader.read(count * 16, _always), dtype="<u8").reshape(count, 2)
+        offsets, lengths = ranges[:, 0], ranges[:, 1]
+        writing = op is FrameOp.WRITEV
+        if count and (lengths.max() > length or int(lengths.sum()) != length):
+            raise ProtocolError(f"ranges do not add up to {length} bytes", peer=reader.peer)
+        try:
+            segment = self._segment(name)
+            size = segment.size_bytes
+            bad = np.flatnonzero((offsets > size) | (lengths > size - np.minimum(offsets, size)))
+            if bad.size:
+                i = int(bad[0])
+                raise OutOfBounds(
+                    name,
+                    offset=int(offsets[i]),
+                    length=int(lengths[i]),
+                    size_bytes=size,
+                    op="write" if writing else "read",
+                )
+            if writing and segment.readonly:
+                raise SegmentReadOnly(name)
+        except TransferError as exc:
+            if writing:
+                reader.skip(length, _always)  # keep the stream in step
+            replies.add(error_frame(request_id, exc))
+            return
+        pairs = list(zip(offsets.tolist(), lengths.tolist(), strict=True))
+        if segment.host is not None:
+            memory = segment.host.data
+            views = [memory[o : o + n] for o, n in pairs]
+            if writing:
+                replies.flush_reads()
+                reader.read_into_many(views, _always)
+            else:
+                replies.add([pack(FrameOp.OK, request_id, length=length), *views], read=True)
+        else:  # CUDA: one host staging buffer for the whole vector
+            staging = np.empty(length, dtype=np.uint8)
+            starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).tolist() if count else []
+            if writing:
+                reader.read_into(staging.data, _always)
+                for (o, n), s in zip(pairs, starts, strict=True):
+                    copy_region(segment.cuda[o : o + n], staging[s : s + n])
+            else:
+                for (o, n), s in zip(pairs, starts, strict=True):
+                    copy_region(staging[s : s + n], segment.cuda[o : o + n])
+                replies.add([pack(FrameOp.OK, request_id, length=length), staging.data], read=True)
+        if writing:
+            replies.add([pack(FrameOp.OK, request_id)])
+        (_metrics.SERVED_WRITE if writing else _metrics.SERVED_READ).inc(length)
+
+
+class _Replies:
+    """Replies coalesced into one gather write, sent when the reader runs dry or they grow big."""
+
+    def __init__(self, conn: socket.socket, peer: str) -> None:
+        self._conn = conn
+        self._peer = peer
+        self._buffers: list[Any] = []
+        self._bytes = 0
+        self._reads = False
+
+    def add(self, buffers: list[Any], *, read: bool = False) -> None:
+        self._reads |= read
+        self._buffers += buffers
+        self._bytes += sum(len(b) for b in buffers)
+        if self._bytes >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush_reads(self) -> None:
+        if self._reads:
+            self.flush()
+
+    def flush(self) -> None:
+        self._reads = False
+        if self._buffers:
+            buffers = self._buffers
+            self._buffers = []
+            self._bytes = 0
+            send_buffers(self._conn, buffers, peer=self._peer, expired=_always)
+
+
+def _parse_error(payload: bytes, peer: str) -> TransferError:
+    try:
+        return error_from_wire(json.loads(payload), peer=peer)
+    except ValueError:
+        return ProtocolError(f"unreadable error payload {payload[:200]!r}", peer=peer)
+
+
+class _Part:
+    """One frame's worth of a request (a whole request, or one stripe of it)."""
+
+    __slots__ = ("after", "length", "name", "offset", "op", "view", "work")
+
+    def __init__(
+        self, work: Work, view: memoryview, offset: int, after: Callable[[], None] | None = None
+    ) -> None:
+        self.work = work
+        self.op = work.request.op
+        self.view = view
+        self.name = work.request.remote.encode()
+        self.offset = offset
+        self.length = len(view)
+        self.after = after
+
+    def finish(self, error: TransferError | None) -> None:
+        if error is None and self.after is not None:
+            try:
+                self.after()
+            except TransferError as exc:
+                error = exc
+        self.work.done(error)
+
+    def expired(self) -> bool:
+        return self.work.expired()
+
+    def frames(self, request_id: int) -> list[Any]:
+        op = FrameOp.READ if self.op is Op.READ else FrameOp.WRITE
+        head = pack(op, request_id, name=self.name, offset=self.offset, length=self.length)
+        return [head, self.name, self.view] if self.op is Op.WRITE else [head, self.name]
+
+    def receive(self, reader: FrameReader) -> None:
+        reader.read_into(self.view, self.work.expired)
+
+
+class _VecPart:
+    """Many small parts on one segment in one READV/WRITEV frame: one header, one reply."""
+
+    __slots__ = ("deadline", "length", "name", "op", "parts")
+
+    def __init__(self, parts: list[_Part]) -> None:
+        self.parts = parts
+        self.op = parts[0].op
+        self.name = parts[0].name
+        self.length = sum(p.length for p in parts)
+        self.deadline = min(p.work.deadline for p in parts)
+
+    def finish(self, error: TransferError | None) -> None:
+        for part in self.parts:
+            part.finish(error)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def frames(self, request_id: int) -> list[Any]:
+        op = FrameOp.READV if self.op is Op.READ else FrameOp.WRITEV
+        ranges = np.array([(p.offset, p.length) for p in self.parts], dtype="<u8")
+        head = pack(op, request_id, name=self.name, offset=len(self.parts), length=self.length)
+        frames: list[Any] = [head, self.name, ranges.tobytes()]
+        if self.op is Op.WRITE:
+            frames += [p.view for p in self.parts]
+        return frames
+
+    def receive(self, reader: FrameReader) -> None:
+        reader.read_into_many([p.view for p in self.parts], self.expired)
+
+
+class _PageVec:
+    """A slice [start, stop) of a Pages batch in one READV/WRITEV frame (no per-page objects)."""
+
+    __slots__ = (
+        "batch",
+        "deadline",
+        "length",
+        "name",
+        "op",
+        "ranges",
+        "route",
+        "start",
+        "stop",
+        "views",
+    )
+
+    def __init__(
+        self, batch: Batch, pages: Pages, start: int, stop: int, views: list[memoryview]
+    ) -> None:
+        self.batch = batch
+        self.route = pages.route
+        self.op = pages.op
+        self.name = pages.route.remote.name.encode()
+        self.start, self.stop = start, stop
+        self.views = views[start:stop]
+        lengths = pages.lengths[start:stop]
+        self.length = int(lengths.sum())
+        self.ranges = np.stack((pages.remote_offsets[start:stop], lengths), axis=1).astype("<u8")
+        self.deadline = batch._deadline_of(start)  # Pages batches carry no per-request timeouts
+
+    def finish(self, error: TransferError | None) -> None:
+        if error is None:
+            self.batch._done_range(self.start, self.stop)
+        else:
+            self.batch._fail_range(self.start, self.stop, error, self.route)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def frames(self, request_id: int) -> list[Any]:
+        op = FrameOp.READV if self.op is Op.READ else FrameOp.WRITEV
+        count = self.stop - self.start
+        head = pack(op, request_id, name=self.name, offset=count, length=self.length)
+        frames: list[Any] = [head, self.name, self.ranges.tobytes()]
+        if self.op is Op.WRITE:
+            frames += self.views
+        return frames
+
+    def receive(self, reader: FrameReader) -> None:
+        reader.read_into_many(self.views, self.expired)
+
+
+def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
+    try:
+        conn.send(units)
+    except TransferError as exc:
+        for unit in units:
+            unit.finish(exc)
+
+
+def _vectorize(parts: list[_Part]) -> list[_Part | _VecPart]:
+    """Pack runs of small parts of one segment and op into vectored frames."""
+    units: list[_Part | _VecPart] = []
+    runs: dict[tuple[bytes, Op], list[_Part]] = {}
+    for part in parts:
+        if part.length > _VEC_PART_MAX or part.after is not None:
+            units.append(part)
+            continue
+        run = runs.setdefault((part.name, part.op), [])
+        run.append(part)
+        if len(run) == _VEC_MAX:
+            units.append(_VecPart(run))
+            runs[part.name, part.op] = []
+    for run in runs.values():
+        if len(run) == 1:
+            units.append(run[0])
+        elif run:
+            units.append(_VecPart(run))
+    return units
+
+
+def _connect(address: str, *, owner: str, token: bytes, connect_timeout_s: float) -> socket.socket:
+    """A socket to ``address`` past the HELLO handshake, with the deadline tick set."""
+    try:
+        sock = socket.create_connection(_split_address(address), timeout=connect_timeout_s)
+    except OSError as exc:
+        raise PeerUnavailable(f"cannot connect: {exc}", peer=address) from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hello = pack(FrameOp.HELLO, 0, name=owner.encode(), length=len(token))
+        send_buffers(sock, [hello, owner.encode(), token], peer=address, expired=_always)
+        header = bytearray(HEADER.size)
+        recv_exact_into(sock, memoryview(header), peer=address, expired=_always)
+        op, _, _, _, length = unpack(header, peer=address)
+        if op is FrameOp.ERROR:
+            if length > MAX_ERROR_BYTES:
+                raise ProtocolError(f"error payload of {length} bytes", peer=address)
+            payload = bytearray(length)
+            recv_exact_into(sock, memoryview(payload), peer=address, expired=_always)
+            raise _parse_error(bytes(payload), address)
+        if op is not FrameOp.OK:
+            raise ProtocolError(f"unexpected reply to HELLO {bytes(header)!r}", peer=address)
+    except TransferError:  # first: PeerError is an OSError too
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise PeerUnavailable(f"handshake failed: {exc}", peer=address) from exc
+    set_tick(sock, _TICK_S)
+    return sock
+
+
+class _Lane:
+    """A socket used by one thread at a time for one synchronous small request: the caller sends
+    and reads the reply itself, so no receiver thread has to wake it (one thread hop less than
+    the pipelined connections; the 4 KiB latency case).
+    """
+
+    def __init__(self, address: str, *, owner: str, token: bytes, connect_timeout_s: float) -> None:
+        self.peer = address
+        self.sock = _connect(address, owner=owner, token=token, connect_timeout_s=connect_timeout_s)
+        self.reader = FrameReader(self.sock, peer=address)
+        self.ids = itertools.count(1)
+
+    def call(self, part: _Part) -> TransferError | None:
+        """Send one part and read its reply; errors of the request itself are returned."""
+        request_id = next(self.ids)
+        send_buffers(self.sock, part.frames(request_id), peer=self.peer, expired=part.expired)
+        header = self.reader.read(HEADER.size, part.expired)
+        op, _, reply_id, _, length = unpack(header, peer=self.peer)
+        if reply_id != request_id:
+            raise ProtocolError(
+                f"reply to request {reply_id}, expected {request_id}", peer=self.peer
+            )
+        if op is FrameOp.ERROR:
+            if length > MAX_ERROR_BYTES:
+                raise ProtocolError(f"error payload of {length} bytes", peer=self.peer)
+            return _parse_error(self.reader.read(length, _always), self.peer)
+        expected = part.length if part.op is Op.READ else 0
+        if op is not FrameOp.OK or length != expected:
+            raise ProtocolError(f"unexpected reply {header!r} to a {part.op}", peer=self.peer)
+        if length:
+            part.receive(self.reader)
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class _Conn:
+    """One socket to a peer: pipelined sends from any thread, replies on a receiver thread."""
+
+    def __init__(
+        self, address: str, *, owner: str, token: bytes, connect_timeout_s: float, index: int
+    ) -> None:
+        self.peer = address
+        sock = _connect(address, owner=owner, token=token, connect_timeout_s=connect_timeout_s)
+        self.sock = sock
+        self.alive = True
+        self._pending: dict[int, _Part | _VecPart | _PageVec] = {}
+        self._lock = threading.Lock()  # guards _pending and alive
+        self._send_lock = threading.Lock()  # one sender at a time; others leave frames in _queue
+        self._queue: deque[list[Any]] = deque()
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(
+            target=self._receive_loop, name=f"kvstack-transfer-recv-{address}-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
+        """Queue the units' frames and push them out (here, or on the thread already sending)."""
+        frames: list[Any] = []
+        with self._lock:
+            if not self.alive:
+                raise PeerUnavailable("connection closed", peer=self.peer)
+            for unit in units:
+                request_id = next(self._ids)
+                self._pending[request_id] = unit
+                frames += unit.frames(request_id)
+        self._queue.append(frames)
+        # Combining: whoever holds the send lock drains the queue; after releasing it, look again,
+        # so frames queued while we sent are never stranded.
+        while self._queue:
+            if not self._send_lock.acquire(blocking=False):
+                return
+            try:
+                while self._queue:
+                    batch = self._queue.popleft()
+                    send_buffers(self.sock, batch, peer=self.peer, expired=self._any_expired)
+            except (OSError, TransferError) as exc:
+                self._queue.clear()
+                self.fail(exc)
+            finally:
+                self._send_lock.release()
+
+    def _any_expired(self) -> bool:
+        with self._lock:
+            return any(unit.expired() for unit in self._pending.values())
+
+    def _receive_loop(self) -> None:
+        reader = FrameReader(self.sock, peer=self.peer)
+        try:
+            while True:
+                header = reader.read(HEADER.size, self._any_expired)
+                op, _, request_id, _, length = unpack(header, peer=self.peer)
+                with self._lock:
+                    unit = self._pending.get(request_id)
+                if unit is None:
+                    raise ProtocolError(
+                        f"reply to unknown request {request_id}: {header!r}", peer=self.peer
+                    )
+                error: TransferError | None = None
+                if op is FrameOp.OK:
+                    expected = unit.length if unit.op is Op.READ else 0
+                    if length != expected:
+                        raise ProtocolError(
+                            f"reply of {length} bytes to a {unit.op} of {unit.length}",
+                            peer=self.peer,
+                        )
+                    if length:
+                        unit.receive(reader)
+                elif op is FrameOp.ERROR:
+                    if length > MAX_ERROR_BYTES:
+                        raise ProtocolError(f"error payload of {length} bytes", peer=self.peer)
+                    error = _parse_error(reader.read(length, _always), self.peer)
+                else:
+                    raise ProtocolError(f"unexpected {op.name} reply {header!r}", peer=self.peer)
+                with self._lock:
+                    self._pending.pop(request_id, None)
+                unit.finish(error)
+        except (OSError, TransferError) as exc:
+            self.fail(exc)
+        finally:
+            # Close only once no sender is inside a call on this socket (its fd could be reused).
+            with self._send_lock:
+                self.sock.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close the connection and fail every request it carries."""
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+            parts = list(self._pending.values())
+            self._pending.clear()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver and any blocked sender
+        if isinstance(exc, PeerUnavailable | ProtocolError | AuthenticationFailed):
+            error: TransferError = exc
+        elif isinstance(exc, TransferTimeout):
+            error = PeerUnavailable(
+                f"connection closed after a deadline passed: {exc}", peer=self.peer
+            )
+        else:
+            error = PeerUnavailable(f"connection lost: {exc}", peer=self.peer)
+        if parts:
+            logger.warning(
+                "connection to %s lost with %d requests in flight: %s", self.peer, len(parts), exc
+            )
+        for part in parts:
+            part.finish(error)
+
+
+class TcpTransport:
+    """Any peer with a tcp address: several pipelined connections per peer."""
+
+    name = "tcp"
+
+    def __init__(
+        self, *, token: str | None, connections: int, stripe_bytes: int, connect_timeout_s: float
+    ) -> None:
+        self._token = (token or "").encode()
+        self._connections = connections
+        self._stripe_bytes = stripe_bytes
+        self._connect_timeout_s = connect_timeout_s
+        self._pools: dict[str, list[_Conn | None]] = {}
+        self._owner_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._closed = False
+        self._lanes = threading.local()  # per thread: owner -> _Lane
+        self._sender: ThreadPoolExecutor | None = None
+        self._all_lanes: set[_Lane] = set()
+
+    def can_reach(self, peer: SegmentInfo) -> bool:
+        return bool(peer.tcp_address)
+
+    def _conns(self, info: SegmentInfo) -> list[_Conn]:
+        with self._lock:
+            if self._closed:
+                raise PeerUnavailable("engine is closed", peer=info.peer)
+            empty: list[_Conn | None] = [None] * self._connections
+            pool = self._pools.setdefault(info.owner, empty)
+            owner_lock = self._owner_locks.setdefault(info.owner, threading.Lock())
+        if all(c is not None and c.alive for c in pool):
+            return [c for c in pool if c is not None]
+        # Connect (or reconnect) outside the transport lock: a slow peer delays only itself.
+        with owner_lock:
+            error: TransferError | None = None
+            for i, conn in enumerate(pool):
+                if conn is None or not conn.alive:
+                    try:
+                        pool[i] = _Conn(
+                            info.tcp_address,
+                            owner=info.owner,
+                            token=self._token,
+                            connect_timeout_s=self._connect_timeout_s,
+                            index=i,
+                        )
+                    except TransferError as exc:
+                        pool[i], error = None, exc
+                        break  # the peer is down or refuses us: don't try the other slots
+            live = [c for c in pool if c is not None and c.alive]
+        if not live:
+            raise error or PeerUnavailable("no connection", peer=info.peer)
+        return live
+
+    def _parts(self, work: Work) -> list[_Part]:
+        r = work.request
+        check_remote(work, work.remote.size_bytes)
+        local = work.local.region(r.local_offset, r.length, op=str(r.op), writing=r.op is Op.READ)
+        if not isinstance(local, np.ndarray):
+            # CUDA memory: stage through host memory, unstriped (one copy back when it lands).
+            staging = np.empty(r.length, dtype=np.uint8)
+            after: Callable[[], None] | None = None
+            if r.op is Op.WRITE:
+                copy_region(staging, local)
+            else:
+
+                def after() -> None:
+                    copy_region(local, staging)
+
+            return [_Part(work, staging.data, r.remote_offset, after)]
+        view = local.data
+        stripe = self._stripe_bytes
+        if r.length <= stripe:
+            return [_Part(work, view, r.remote_offset)]
+        starts = range(0, r.length, stripe)
+        work.split(len(starts))
+        return [_Part(work, view[s : s + stripe], r.remote_offset + s) for s in starts]
+
+    def submit_pages(self, batch: Batch, pages: Pages) -> bool:
+        """Send a bounds-checked run of pages as vectored frames spread over the connections.
+
+        False (nothing sent) when a page is too big for a vectored frame or the peer cannot be
+        reached: the per-request path then stripes or reports per request.
+        """
+        if int(pages.lengths.max()) > _VEC_PART_MAX:
+            return False
+        try:
+            conns = self._conns(pages.route.remote)
+        except TransferError:
+            return False
+        memory = pages.local.host.data if pages.local.host is not None else None
+        if memory is None:
+            return False
+        views = [
+            memory[o : o + n]
+            for o, n in zip(pages.local_offsets.tolist(), pages.lengths.tolist(), strict=True)
+        ]
+        n = len(views)
+        share = -(-n // len(conns))
+        jobs: list[tuple[_Conn, list[_PageVec]]] = []
+        for c, conn in enumerate(conns):
+            units = [
+                _PageVec(batch, pages, start, min(start + _VEC_MAX, (c + 1) * share, n), views)
+                for start in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
+            ]
+            if units:
+                jobs.append((conn, units))
+        parallel = pages.op is Op.WRITE and pages.route.totals[1] >= _PARALLEL_PAGES_BYTES
+        futures = [self._send_pool().submit(_send, *job) for job in jobs[1:]] if parallel else []
+        for conn, units in jobs[:1] if futures else jobs:
+            _send(conn, units)
+        for future in futures:
+            future.result()
+        return True
+
+    def _send_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(
+                    max(1, self._connections - 1), thread_name_prefix="kvstack-transfer-send"
+                )
+            return self._sender
+
+    def call(self, works: Sequence[Work]) -> None:
+        """Like submit, but the caller waits: one small request goes over this thread's lane."""
+        limit = min(_LANE_MAX_BYTES, self._stripe_bytes)  # one unstriped, unstaged part only
+        if len(works) != 1 or works[0].request.length > limit or works[0].local.host is None:
+            self.submit(works)
+            return
+        work = works[0]
+        try:
+            (part,) = self._parts(work)
+        except TransferError as exc:
+            work.done(exc)
+            return
+        lanes: dict[str, _Lane] = self._lanes.__dict__.setdefault("by_owner", {})
+        info = work.remote
+        lane = lanes.get(info.owner)
+        try:
+            if lane is None:
+                if self._closed:
+                    raise PeerUnavailable("engine is closed", peer=info.peer)
+                lane = _Lane(
+                    info.tcp_address,
+                    owner=info.owner,
+                    token=self._token,
+                    connect_timeout_s=self._connect_timeout_s,
+                )
+                lanes[info.owner] = lane
+                with self._lock:
+                    self._all_lanes.add(lane)
+            error = lane.call(part)
+        except (OSError, TransferError) as exc:
+            # A failed lane is never reused: its stream may be half read.
+            if lane is not None:
+                lanes.pop(info.owner, None)
+                lane.close()
+                with self._lock:
+                    self._all_lanes.discard(lane)
+            if isinstance(exc, PeerUnavailable | ProtocolError | AuthenticationFailed):
+                error = exc
+            elif isinstance(exc, TransferTimeout):
+                error = TransferTimeout(
+                    work.describe(), timeout_s=work.batch._timeout_of(work.index), peer=info.peer
+                )
+            else:
+                error = PeerUnavailable(f"connection lost: {exc}", peer=info.peer)
+        part.finish(error)
+
+    def submit(self, works: Sequence[Work]) -> None:
+        by_owner: dict[str, list[Work]] = {}
+        for work in works:
+            by_owner.setdefault(work.remote.owner, []).append(work)
+        for group in by_owner.values():
+            try:
+                conns = self._conns(group[0].remote)
+            except TransferError as exc:
+                for work in group:
+                    work.done(exc)
+                continue
+            per_conn: list[list[_Part]] = [[] for _ in conns]
+            k = next(self._rr)
+            for work in group:
+                try:
+                    parts = self._parts(work)
+                except TransferError as exc:
+                    work.done(exc)
+                    continue
+                for part in parts:
+                    per_conn[k % len(conns)].append(part)
+                    k += 1
+            jobs = [
+                (conn, _vectorize(parts) if len(parts) > 1 else list[_Part | _VecPart](parts))
+                for conn, parts in zip(conns, per_conn, strict=True)
+                if parts
+            ]
+            written = sum(p.length for share in per_conn for p in share if p.op is Op.WRITE)
+            big = written >= _PARALLEL_SEND_BYTES
+            # Striped WRITEs: push each connection's bytes from its own thread (the kernel copy
+            # of a send runs on the sending thread); the caller sends the first share itself.
+            futures = (
+                [self._send_pool().submit(_send, conn, units) for conn, units in jobs[1:]]
+                if big and len(jobs) > 1
+                else []
+            )
+            for conn, units in jobs[:1] if futures else jobs:
+                _send(conn, units)
+            for future in futures:
+                future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = self._pools
+            self._pools = {}
+            lanes = list(self._all_lanes)
+            self._all_lanes.clear()
+            sender = self._sender
+        for lane in lanes:
+            lane.close()
+        if sender is not None:
+            sender.shutdown(wait=False)
+        for pool in pools.values():
+            for conn in pool:
+                if conn is not None:
+                    conn.fail(PeerUnavailable("engine closed", peer=conn.peer))

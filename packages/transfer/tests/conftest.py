@@ -1,0 +1,111 @@
+"""Fixtures: real metadata servers, a real redis-server, real peer processes, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kvstack.transfer import Engine, EngineConfig
+from kvstack.transfer._peer import PeerProcess
+
+START_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    # A reader thread would outlive a hung child; the CLI prints its line at once, so poll.
+    stdout = proc.stdout
+    assert stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise TimeoutError(f"no line from {proc.args} within {timeout_s} s")
+    return stdout.readline()
+
+
+@pytest.fixture(scope="session")
+def metadata_url() -> Iterator[str]:
+    """``kvstack-transfer metadata --port 0`` in its own process; yields its URL."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvstack.transfer",
+            "--log-level",
+            "WARNING",
+            "metadata",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _read_line(proc, START_TIMEOUT_S)
+        assert "listening on " in line, line
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port, killed after the session."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.02)  # polling a port with a deadline, not synchronisation by sleep
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def start_peer(metadata_url: str) -> Iterator[Callable[..., PeerProcess]]:
+    """Start peer processes registered at the session's metadata server; closed after the test."""
+    peers: list[PeerProcess] = []
+
+    def start(*segments: str, token: str | None = None, ttl_s: float = 10.0) -> PeerProcess:
+        peer = PeerProcess(metadata_url, segments, token=token, ttl_s=ttl_s)
+        peers.append(peer)
+        return peer
+
+    yield start
+    for peer in peers:
+        peer.close()
+
+
+@pytest.fixture
+def engine(metadata_url: str) -> Iterator[Engine]:
+    # Small stripes so that megabyte transfers exercise striping across connections.
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_stripe_bytes=64 << 10)) as e:
+        yield e

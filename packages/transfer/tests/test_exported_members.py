@@ -1,0 +1,50 @@
+import types
+
+import kvstack.transfer
+
+
+def test_all_is_the_sorted_public_surface() -> None:
+    exported = kvstack.transfer.__all__
+    assert exported == sorted(exported)
+    public = {n for n in dir(kvstack.transfer) if not n.startswith("_")} - {
+        "errors",
+        "cli",
+    }
+    # Every public name is exported on purpose (modules excluded), and nothing else is.
+    assert set(exported) == {n for n in public if not _is_module(n)}
+    assert exported == [
+        "AsyncEngine",
+        "AuthenticationFailed",
+        "Batch",
+        "BatchFailed",
+        "ConfigError",
+        "Engine",
+        "EngineConfig",
+        "InvalidRequest",
+        "MetadataBackend",
+        "MetadataError",
+        "MetadataServer",
+        "Op",
+        "OutOfBounds",
+        "PeerError",
+        "PeerUnavailable",
+        "ProtocolError",
+        "RequestStatus",
+        "SegmentExists",
+        "SegmentInfo",
+        "SegmentNotFound",
+        "SegmentReadOnly",
+        "TransferError",
+        "TransferOutcome",
+        "TransferRequest",
+        "TransferTimeout",
+        "Transport",
+        "TransportUnavailable",
+        "format_size",
+        "open_metadata",
+        "parse_size",
+    ]
+
+
+def _is_module(name: str) -> bool:
+    return isinstance(getattr(kvstack.transfer, name), types.ModuleType)
