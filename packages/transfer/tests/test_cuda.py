@@ -62,15 +62,18 @@ def test_local_gpu_tensor_to_host_peer_over_tcp_and_shm(
     torch = importlib.import_module("torch")
 
     start_peer(f"host-remote:{MiB}:shm:33")
-    for transport in ("tcp", "shm"):
+    expected = random_bytes(33, MiB)
+    # Each transport reads what the previous one wrote, then writes its own fill value.
+    for fill, transport in ((3, "tcp"), (4, "shm")):
         tensor = torch.zeros(MiB, dtype=torch.uint8, device="cuda")
         engine.read_into_tensor(tensor, "host-remote", transport=transport)
-        np.testing.assert_array_equal(tensor.cpu().numpy(), random_bytes(33, MiB))
-        tensor.fill_(3)
+        np.testing.assert_array_equal(tensor.cpu().numpy(), expected)
+        tensor.fill_(fill)
         engine.write_tensor(tensor, "host-remote", transport=transport)
         back = np.zeros(MiB, dtype=np.uint8)
         engine.read_into_tensor(back, "host-remote", transport=transport)
-        assert (back == 3).all()
+        assert (back == fill).all()
+        expected = back
 
 
 def test_cuda_is_chosen_automatically_for_gpu_segments(

@@ -314,7 +314,8 @@ class TcpServer:
                 replies.add([pack(FrameOp.OK, request_id, length=length), *views], read=True)
         else:  # CUDA: one host staging buffer for the whole vector
             staging = np.empty(length, dtype=np.uint8)
-            starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).tolist() if count else []
+            # Python ints: numpy would promote [0] + uint64 sums to float64, unusable as slices.
+            starts = list(itertools.accumulate((n for _, n in pairs), initial=0))[:-1]
             if writing:
                 reader.read_into(staging.data, _always)
                 for (o, n), s in zip(pairs, starts, strict=True):
