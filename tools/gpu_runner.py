@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
 SITE = ROOT / ".gpu-site"
 LOCK = ROOT / "requirements.txt"
-# What the GPU sessions need beyond the packages' own dependencies.
-SESSION_TOOLS = ("nox", "pytest", "pytest-timeout", "matplotlib")
+# What the GPU sessions need beyond the packages' own dependencies: the task runner, the test
+# runner, the plots, and the tests' own imports (the official OpenAI client calls the server).
+SESSION_TOOLS = ("nox", "pytest", "pytest-timeout", "matplotlib", "openai")
 # The runner's CUDA builds: never carried, never installed over.
 RUNNER_PROVIDED = frozenset({"torch", "triton", "numpy"})
 # manylinux tags pip must accept for the runner (x86-64, glibc 2.17 and newer).

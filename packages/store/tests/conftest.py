@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvstack.store import ClientConfig, StoreClient
+from tools.testing.redis_server import redis_server
 
 START_TIMEOUT_S = 60.0
 # Failure tests wait for deaths, so keep it short; a false death on CI's two shared cores
@@ -144,24 +143,5 @@ def client(cluster: Cluster) -> StoreClient:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server on a free port, killed after the session."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.02)  # polling a port with a deadline, not synchronisation by sleep
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    with redis_server(timeout_s=START_TIMEOUT_S) as url:
+        yield url
