@@ -36,8 +36,32 @@ from kvstack.kernels.cache_write._kernel import cache_write_kernel
 from kvstack.kernels.page_pack import page_copy_config
 from kvstack.kernels.page_pack._kernel import page_copy_kernel
 from kvstack.kernels.paged_attention import attention_config
+from kvstack.kernels.paged_attention._heuristics import REDUCE_CHUNK
 from kvstack.kernels.paged_attention._kernel import paged_attention_kernel, reduce_segments_kernel
 
+# Launch-configuration candidates compiled beside the heuristic's (tune_sweep.py times them).
+_CANDIDATES: dict[str, list[dict[str, Any]]] = {
+    "decode llama b64x4096": [
+        {"k_by_key": True},
+        {"tile": 128, "num_warps": 8},
+        {"k_by_key": True, "prefetch_blocks": True},
+        {"tile": 32, "k_by_key": True, "prefetch_blocks": True},
+        {"tile": 32, "num_stages": 4, "k_by_key": True, "prefetch_blocks": True},
+        {"tile": 32, "k_by_key": True, "prefetch_blocks": True, "unmasked_prefix": True},
+        {"tile": 64, "num_stages": 5, "k_by_key": True},
+    ],
+    "decode llama b1x32K split": [
+        {"k_by_key": True, "prefetch_blocks": True},
+        {"num_segments": 128, "tile": 32, "k_by_key": True, "prefetch_blocks": True},
+        {"num_segments": 256, "tile": 32, "k_by_key": True, "prefetch_blocks": True},
+    ],
+    "prefill llama 4x4096": [
+        {"k_by_key": True},
+        {"tile": 128, "num_stages": 3},
+        {"k_by_key": True, "prefetch_blocks": True},
+        {"k_by_key": True, "unmasked_prefix": True},
+    ],
+}
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 _PROBE_DTYPES = {"fp8e4m3": "fp8e4nv", "fp16": "fp16"}
 
@@ -137,17 +161,39 @@ def _attention_rows(arch: int, dtype: str) -> list[str]:
             "NUM_SEGMENTS": config.num_segments,
             "UPCAST": False,
             "DOT_PRECISION": "tf32",
+            "K_BY_KEY": config.k_by_key,
+            "PREFETCH_BLOCKS": config.prefetch_blocks,
+            "UNMASKED_PREFIX": config.unmasked_prefix,
         }
-        compiled = _compile(
-            paged_attention_kernel,
-            pointers,
-            constants,
-            arch=arch,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        shape = f"M{config.block_m} T{config.tile} S{config.num_segments} w{config.num_warps}"
-        rows.append(_row(f"attention {label} ({shape})", compiled))
+        # The heuristic's configuration, then the tuning candidates for the Llama cases.
+        variants = [config]
+        if label in _CANDIDATES:
+            variants += [config._replace(**change) for change in _CANDIDATES[label]]
+        for variant in variants:
+            constants |= {
+                "BLOCK_M": variant.block_m,
+                "BLOCK_Q": variant.block_q,
+                "TILE": variant.tile,
+                "NUM_SEGMENTS": variant.num_segments,
+                "K_BY_KEY": variant.k_by_key,
+                "PREFETCH_BLOCKS": variant.prefetch_blocks,
+                "UNMASKED_PREFIX": variant.unmasked_prefix,
+            }
+            compiled = _compile(
+                paged_attention_kernel,
+                pointers,
+                constants,
+                arch=arch,
+                num_warps=variant.num_warps,
+                num_stages=variant.num_stages,
+            )
+            shape = (
+                f"M{variant.block_m} T{variant.tile} S{variant.num_segments} "
+                f"w{variant.num_warps} s{variant.num_stages}{' kT' if variant.k_by_key else ''}"
+                f"{' pf' if variant.prefetch_blocks else ''}"
+                f"{' um' if variant.unmasked_prefix else ''}"
+            )
+            rows.append(_row(f"attention {label} ({shape})", compiled))
         if config.num_segments > 1:
             reduce = _compile(
                 reduce_segments_kernel,
@@ -162,6 +208,7 @@ def _attention_rows(arch: int, dtype: str) -> list[str]:
                     "HEAD_SIZE": head,
                     "HEAD_SIZE_PADDED": next_power_of_2(head),
                     "NUM_SEGMENTS": config.num_segments,
+                    "SEGMENT_CHUNK": min(config.num_segments, REDUCE_CHUNK),
                 },
                 arch=arch,
                 num_warps=4,

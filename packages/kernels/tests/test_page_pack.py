@@ -11,7 +11,7 @@ from kvstack.kernels.page_pack import (
     page_copy_config,
     unpack_pages_reference,
 )
-from kvstack.kernels.page_pack._heuristics import word_bytes
+from kvstack.kernels.page_pack._heuristics import TILE_BYTES, TILE_WARPS, word_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -134,9 +134,10 @@ def test_bad_inputs_name_the_tensor(
 
 
 def test_word_and_tile_choice() -> None:
-    # 64 KiB page, aligned strides: 8-byte words, 16 KiB per program, 4 programs per page.
+    # 64 KiB page, aligned strides: 8-byte words, TILE_BYTES per program.
     assert word_bytes(65536, (65536 * 64, 65536), 0) == 8
-    assert page_copy_config(65536 // 8, 8) == (2048, 4, 4)
+    words = TILE_BYTES // 8
+    assert page_copy_config(65536 // 8, 8) == (words, 65536 // TILE_BYTES, TILE_WARPS)
     # An odd stride or offset forces narrower words.
     assert word_bytes(65536, (65536 * 64, 65538), 0) == 2
     assert word_bytes(105, (105, 105 * 9), 0) == 1

@@ -15,6 +15,7 @@ from kvstack.kernels.paged_attention import (
     choose_num_segments,
     paged_attention_reference,
 )
+from kvstack.kernels.paged_attention._heuristics import DECODE_TILE, SPLIT_TILE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -208,6 +209,70 @@ def test_split_kv_on_a_mixed_batch() -> None:
     )
 
 
+# Tuning switches the heuristic does not pick yet: K loaded as (tile, head) rows; 64 segments,
+# two chunks of the reduction, most of them empty at these lengths; block ids prefetched a step
+# ahead (tile 16: a step per page, so the prefetch crosses every page boundary); unmasked tiles
+# before the diagonal (tile 16 < the mixed batch's 37-token chunk: some Q blocks have them).
+TUNING_CONFIGS = {
+    "k_by_key": ("decode", AttentionConfig(16, 4, 32, 1, 4, 3, k_by_key=True)),
+    "segments64": ("decode", AttentionConfig(16, 4, 16, 64, 4, 3)),
+    "segments64_k_by_key": ("decode", AttentionConfig(16, 4, 16, 64, 4, 3, k_by_key=True)),
+    "prefill_k_by_key": ("mixed", AttentionConfig(32, 8, 32, 1, 4, 2, k_by_key=True)),
+    "prefetch": ("decode", AttentionConfig(16, 4, 32, 1, 4, 3, prefetch_blocks=True)),
+    "prefetch_k_by_key_split": (
+        "decode",
+        AttentionConfig(16, 4, 16, 8, 4, 3, k_by_key=True, prefetch_blocks=True),
+    ),
+    "prefill_prefetch": ("mixed", AttentionConfig(32, 8, 16, 1, 4, 3, prefetch_blocks=True)),
+    "prefill_unmasked": (
+        "mixed",
+        AttentionConfig(32, 8, 16, 1, 4, 3, k_by_key=True, unmasked_prefix=True),
+    ),
+    "split_unmasked_prefetch": (
+        "decode",
+        AttentionConfig(16, 4, 16, 8, 4, 3, prefetch_blocks=True, unmasked_prefix=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TUNING_CONFIGS))
+def test_tuning_switches_match_reference(name: str) -> None:
+    batch_name, config = TUNING_CONFIGS[name]
+    dtype = torch.float16
+    inputs = _make_batch(
+        BATCHES[batch_name], num_q_heads=8, num_kv_heads=2, head_size=64, dtype=dtype, seed=5
+    )
+    query, key_cache, value_cache = inputs["query"], inputs["key_cache"], inputs["value_cache"]
+    block_table, seq_lens, query_start = (
+        inputs["block_table"],
+        inputs["seq_lens"],
+        inputs["query_start"],
+    )
+    expected = paged_attention_reference(
+        query,
+        key_cache,
+        value_cache,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        query_start=query_start,
+        soft_cap=10.0,
+    )
+    out = torch.full_like(query, float("nan"))
+    paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        query_start=query_start,
+        soft_cap=10.0,
+        config=config,
+        out=out,
+    )
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
+
+
 # Page sizes: 1 (every key its own page), 8 (a key tile spans many pages), 32.
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 def test_page_sizes(block_size: int) -> None:
@@ -336,7 +401,7 @@ def test_bad_inputs_name_the_tensor(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("sliding_window", 0), ("soft_cap", 0.0), ("num_segments", 3), ("num_segments", 128)],
+    [("sliding_window", 0), ("soft_cap", 0.0), ("num_segments", 3), ("num_segments", 512)],
 )
 def test_bad_options_name_the_option(option: str, value: float) -> None:
     with pytest.raises(UnsupportedConfig, match=f"{option}={value!r}"):
@@ -360,7 +425,7 @@ def test_config_override() -> None:
         (AttentionConfig(16, 9, 64, 1, 4, 3), "config.block_q=9"),  # 9 tokens x 2 heads > 16
         (AttentionConfig(24, 1, 64, 1, 4, 3), "config.block_m=24"),
         (AttentionConfig(16, 1, 8, 1, 4, 3), "block_m and tile must be at least 16"),
-        (AttentionConfig(16, 1, 64, 128, 4, 3), "config.num_segments=128"),
+        (AttentionConfig(16, 1, 64, 512, 4, 3), "config.num_segments=512"),
     ],
 )
 def test_bad_config_is_named(config: AttentionConfig, match: str) -> None:
@@ -394,10 +459,19 @@ def test_split_heuristic() -> None:
 
 def test_tile_heuristic() -> None:
     common = {"num_seqs": 4, "max_seq_len": 4096, "num_sms": 132}
+    # The decode key tiles are tuning switches (tune_sweep.py): whatever they are set to.
+    # 64 sequences x 8 KV heads fill 132 SMs: the 2D path.
     decode = attention_config(
+        num_q_heads=32, num_kv_heads=8, head_size=128, max_query_len=1, **{**common, "num_seqs": 64}
+    )
+    assert (decode.block_m, decode.block_q, decode.tile) == (16, 4, DECODE_TILE)
+    assert decode.num_segments == 1
+    # 4 sequences x 8 KV heads do not: split-KV, with its own tile.
+    split = attention_config(
         num_q_heads=32, num_kv_heads=8, head_size=128, max_query_len=1, **common
     )
-    assert (decode.block_m, decode.block_q, decode.tile) == (16, 4, 64)
+    assert split.num_segments > 1
+    assert split.tile == SPLIT_TILE
     prefill = attention_config(
         num_q_heads=32, num_kv_heads=8, head_size=128, max_query_len=4096, **common
     )

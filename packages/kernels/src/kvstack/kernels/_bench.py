@@ -186,16 +186,53 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(
-    fns: Sequence[Callable[[], object]], *, device: torch.device, warmup: int, repeats: int
-) -> list[Timing]:
-    """Time each function, alternating one call of each per round, after ``warmup`` rounds.
+# Back-to-back calls captured in one CUDA graph when timing a kernel's GPU time: enough that
+# the replay's own launch is noise, few enough to keep the graph's memory pool small.
+GRAPH_CALLS = 8
 
-    CUDA: events around each call; elsewhere: wall-clock around a synchronised call.
+
+def _capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` back-to-back calls of ``fn`` (warmed up on a side stream first,
+    as torch.cuda.graph requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    graphed: Sequence[bool] | None = None,
+) -> list[Timing]:
+    """Time each function, alternating one sample of each per round, after ``warmup`` rounds.
+
+    CUDA: events around each call; for a function marked in ``graphed``, events around the
+    replay of a CUDA graph of GRAPH_CALLS calls, divided by GRAPH_CALLS: the GPU time alone,
+    without the Python launcher's host cost (which a graphed decode step never pays, and which
+    exceeds the kernel's own time for a small split-KV decode). Baselines that a graph would
+    turn into something else (a device copy becomes a DMA memcpy node) stay eager.
+    Elsewhere: wall-clock around a synchronised call.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
+    _synchronize(device)
+    use_graph = list(graphed or [False] * len(fns))
+    graphs: list[torch.cuda.CUDAGraph | None] = [
+        _capture(fn, GRAPH_CALLS) if device.type == "cuda" and g else None
+        for fn, g in zip(fns, use_graph, strict=True)
+    ]
     _synchronize(device)
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
@@ -205,16 +242,33 @@ def time_interleaved(
                     torch.cuda.Event(enable_timing=True),
                     torch.cuda.Event(enable_timing=True),
                 )
+                graph = graphs[index]
                 start.record()
-                fn()
+                if graph is not None:
+                    graph.replay()
+                else:
+                    fn()
                 end.record()
                 end.synchronize()
-                samples[index].append(start.elapsed_time(end) / 1e3)
+                calls = GRAPH_CALLS if graph is not None else 1
+                samples[index].append(start.elapsed_time(end) / 1e3 / calls)
             else:
                 began = time.perf_counter()
                 fn()
                 samples[index].append(time.perf_counter() - began)
     return [Timing.of(s) for s in samples]
+
+
+def host_launch_us(fn: Callable[[], object], *, device: torch.device, calls: int = 20) -> float:
+    """Median host microseconds one call of ``fn`` takes to return (launch cost, no sync)."""
+    _synchronize(device)
+    samples = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - began) * 1e6)
+        _synchronize(device)
+    return statistics.median(samples)
 
 
 def _config_label(config: AttentionConfig) -> str:
@@ -245,6 +299,7 @@ def _sweep(
                 device=device,
                 warmup=sizes.warmup,
                 repeats=sizes.repeats,
+                graphed=[True],
             )
         except Exception as exc:  # any compile or launch failure is a result of the sweep
             logger.warning("config %s failed: %s", label, exc)
@@ -350,7 +405,13 @@ def _decode_case(
     fns: list[Callable[[], object]] = [ours, lambda: dst.copy_(src)]
     if batch == 1:
         fns.append(lambda: ours(1))  # the 2D path on the same inputs, for the record
-    timings = time_interleaved(fns, device=device, warmup=sizes.warmup, repeats=sizes.repeats)
+    timings = time_interleaved(
+        fns,
+        device=device,
+        warmup=sizes.warmup,
+        repeats=sizes.repeats,
+        graphed=[True, False, True][: len(fns)],
+    )
     t_ours, t_copy = timings[0], timings[1]
     copy_gbps = _gbps(2 * sizes.copy_bytes, t_copy.median_s)
     achieved = _gbps(num_bytes, t_ours.median_s)
@@ -368,6 +429,8 @@ def _decode_case(
         "copy_GBps": copy_gbps,
         "p20_us": t_ours.p20_s * 1e6,
         "p80_us": t_ours.p80_s * 1e6,
+        "timing": "GPU time per call: CUDA graph replays; copy baseline eager",
+        "host_launch_us": host_launch_us(ours, device=device),
         "config": (
             _heuristic_label(device=device, num_seqs=batch, max_query_len=1, max_seq_len=context)
             if num_segments is None
@@ -450,14 +513,22 @@ def _prefill_case(
     try:
         with _flash_only(device) as backend:
             t_ours, t_sdpa = time_interleaved(
-                [ours, sdpa], device=device, warmup=sizes.warmup, repeats=sizes.repeats
+                [ours, sdpa],
+                device=device,
+                warmup=sizes.warmup,
+                repeats=sizes.repeats,
+                graphed=[True, True],
             )
             expected = sdpa()
     except RuntimeError as exc:  # no flash kernel for this build or card: say so, use default
         logger.warning("SDPA flash backend unavailable (%s); timing the default backend", exc)
         backend = "default (flash unavailable)"
         t_ours, t_sdpa = time_interleaved(
-            [ours, sdpa], device=device, warmup=sizes.warmup, repeats=sizes.repeats
+            [ours, sdpa],
+            device=device,
+            warmup=sizes.warmup,
+            repeats=sizes.repeats,
+            graphed=[True, True],
         )
         expected = sdpa()
     expected = expected.permute(0, 2, 1, 3).reshape_as(out)
@@ -524,6 +595,7 @@ def _pack_cases(*, sizes: _Sizes, device: torch.device) -> list[BenchResult]:
         device=device,
         warmup=sizes.warmup,
         repeats=sizes.repeats,
+        graphed=[True, True, False],
     )
     exact = torch.equal(buffer.view(torch.int16), kv_cache[:, block_ids].view(torch.int16))
     copy_gbps = _gbps(2 * sizes.copy_bytes, t_copy.median_s)

@@ -22,7 +22,12 @@ from kvstack.kernels._checks import (
 )
 from kvstack.kernels._launch import launch
 from kvstack.kernels.errors import BadDtype, BadLayout, BadShape
-from kvstack.kernels.page_pack._heuristics import PageCopyConfig, page_copy_config, word_bytes
+from kvstack.kernels.page_pack._heuristics import (
+    TILE_BYTES,
+    PageCopyConfig,
+    page_copy_config,
+    word_bytes,
+)
 from kvstack.kernels.page_pack._kernel import page_copy_kernel
 from kvstack.kernels.page_pack.reference import pack_pages_reference, unpack_pages_reference
 
@@ -56,8 +61,15 @@ def _words(tensor: torch.Tensor, word: int) -> torch.Tensor:
 
 
 def _copy(
-    kv_cache: torch.Tensor, buffer: torch.Tensor, block_ids: torch.Tensor, *, unpack: bool
+    kv_cache: torch.Tensor,
+    buffer: torch.Tensor,
+    block_ids: torch.Tensor,
+    *,
+    unpack: bool,
+    tile_bytes: int = TILE_BYTES,
+    num_warps: int | None = None,
 ) -> None:
+    """The one launch behind pack and unpack; ``tile_bytes``/``num_warps`` are tuning overrides."""
     num_layers = kv_cache.shape[0]
     num_pages = block_ids.shape[0]
     if num_layers == 0 or num_pages == 0:
@@ -74,7 +86,7 @@ def _copy(
     cache_words = _words(kv_cache, word)
     buffer_words = _words(buffer, word)
     page_words = page_bytes // word
-    config = page_copy_config(page_words, word)
+    config = page_copy_config(page_words, word, tile_bytes=tile_bytes, num_warps=num_warps)
     grid = (num_pages * config.tiles_per_page, num_layers)
     launch(page_copy_kernel, grid, kv_cache.device)(
         cache_ptr=cache_words,

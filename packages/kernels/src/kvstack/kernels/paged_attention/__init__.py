@@ -28,7 +28,8 @@ from kvstack.kernels._env import triton_interpreter_enabled
 from kvstack.kernels._launch import launch, next_power_of_2
 from kvstack.kernels.errors import BadDtype, BadLayout, BadShape, UnsupportedConfig
 from kvstack.kernels.paged_attention._heuristics import (
-    MAX_SEGMENTS,
+    REDUCE_CHUNK,
+    SEGMENT_LIMIT,
     AttentionConfig,
     attention_config,
     choose_num_segments,
@@ -87,9 +88,9 @@ def _check_config(config: AttentionConfig, q_per_kv: int, num_segments: int | No
             config.block_q,
             f"block_q x {q_per_kv} query heads per KV head must fit in block_m={config.block_m}",
         )
-    if config.num_segments > MAX_SEGMENTS:
+    if config.num_segments > SEGMENT_LIMIT:
         raise UnsupportedConfig(
-            "config.num_segments", config.num_segments, f"must be at most {MAX_SEGMENTS}"
+            "config.num_segments", config.num_segments, f"must be at most {SEGMENT_LIMIT}"
         )
     if config.num_stages < 1:
         raise UnsupportedConfig("config.num_stages", config.num_stages, "must be at least 1")
@@ -126,7 +127,7 @@ def paged_attention(
     itself included; ``soft_cap=c``: scores become ``c * tanh(score / c)``.
     ``max_query_len``/``max_seq_len``: the batch maxima, read from the tensors (a device sync)
     when not given; they only steer the launch configuration, never the result.
-    ``num_segments`` (power of two <= 64) forces the split-KV path (> 1) or the 2D path (1)
+    ``num_segments`` (power of two <= 256) forces the split-KV path (> 1) or the 2D path (1)
     instead of the heuristic; ``config`` replaces the whole launch configuration (tuning and
     benchmarks; see ``attention_config``). ``out``: ``query``-shaped output, allocated when not
     given. Softmax and both products accumulate in float32.
@@ -201,10 +202,10 @@ def paged_attention(
     if soft_cap is not None and not soft_cap > 0:
         raise UnsupportedConfig("soft_cap", soft_cap, "must be positive (or None)")
     if num_segments is not None and (
-        num_segments < 1 or num_segments > MAX_SEGMENTS or num_segments & (num_segments - 1)
+        num_segments < 1 or num_segments > SEGMENT_LIMIT or num_segments & (num_segments - 1)
     ):
         raise UnsupportedConfig(
-            "num_segments", num_segments, f"must be a power of two from 1 to {MAX_SEGMENTS}"
+            "num_segments", num_segments, f"must be a power of two from 1 to {SEGMENT_LIMIT}"
         )
     if config is not None:
         _check_config(config, num_q_heads // num_kv_heads, num_segments)
@@ -280,6 +281,9 @@ def paged_attention(
         NUM_SEGMENTS=segments,
         UPCAST=triton_interpreter_enabled() and query.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        K_BY_KEY=config.k_by_key,
+        PREFETCH_BLOCKS=config.prefetch_blocks,
+        UNMASKED_PREFIX=config.unmasked_prefix,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -295,6 +299,7 @@ def paged_attention(
             HEAD_SIZE=head_size,
             HEAD_SIZE_PADDED=head_size_padded,
             NUM_SEGMENTS=segments,
+            SEGMENT_CHUNK=min(segments, REDUCE_CHUNK),
             num_warps=4,
         )
     return out
