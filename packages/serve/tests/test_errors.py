@@ -13,12 +13,14 @@ from kvstack.serve import (
     EngineStopped,
     InvalidRequest,
     ModelNotFound,
+    NoWorkerAvailable,
     PromptTooLong,
     RequestTimeout,
     ServerProcess,
     ServerStartError,
     UnknownModel,
     UnsupportedModel,
+    UpstreamError,
 )
 
 ERRORS = [
@@ -32,6 +34,8 @@ ERRORS = [
     RequestTimeout("cmpl-1", 5.0),
     ServerStartError("exited with code 2", "Traceback ..."),
     BenchError("the dataset is empty"),
+    NoWorkerAvailable(2, "every circuit breaker is open"),
+    UpstreamError("http://127.0.0.1:8001", "HTTP 503: engine stopped"),
 ]
 
 

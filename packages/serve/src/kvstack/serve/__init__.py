@@ -26,7 +26,27 @@ from kvstack.serve._loader import (
     load_tiny,
 )
 from kvstack.serve._model import LlamaModel, ModelConfig
+from kvstack.serve._policy import (
+    CacheAwarePolicy,
+    PolicyName,
+    PowerOfTwoPolicy,
+    PrefixTree,
+    RandomPolicy,
+    RoundRobinPolicy,
+    RoutingPolicy,
+    WorkerLoad,
+    make_policy,
+    routing_key,
+)
 from kvstack.serve._request import FinishReason, RequestOutput
+from kvstack.serve._router import (
+    TRACE_HEADER,
+    WORKER_HEADER,
+    BreakerState,
+    Router,
+    RouterConfig,
+    run_router,
+)
 from kvstack.serve._sampling import SamplingParams
 from kvstack.serve._server import create_app, run_server
 from kvstack.serve._tokenizer import TextTokenizer
@@ -38,21 +58,28 @@ from kvstack.serve.errors import (
     InvalidRequest,
     ModelError,
     ModelNotFound,
+    NoWorkerAvailable,
     PromptTooLong,
     RequestTimeout,
+    RouterError,
     ServeError,
     ServerStartError,
     UnknownModel,
     UnsupportedModel,
+    UpstreamError,
 )
 
 __all__ = [
     "SMOLLM2_NAME",
+    "TRACE_HEADER",
+    "WORKER_HEADER",
     "AsyncEngine",
     "AttentionBackend",
     "BatchLayout",
     "BenchError",
     "BlockPool",
+    "BreakerState",
+    "CacheAwarePolicy",
     "ChatMessage",
     "ChatTemplate",
     "ConfigError",
@@ -69,10 +96,20 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "ModelNotFound",
+    "NoWorkerAvailable",
     "PagedKVCache",
+    "PolicyName",
+    "PowerOfTwoPolicy",
+    "PrefixTree",
     "PromptTooLong",
+    "RandomPolicy",
     "RequestOutput",
     "RequestTimeout",
+    "RoundRobinPolicy",
+    "Router",
+    "RouterConfig",
+    "RouterError",
+    "RoutingPolicy",
     "SamplingParams",
     "ServeError",
     "ServerConfig",
@@ -83,6 +120,8 @@ __all__ = [
     "TritonPagedAttention",
     "UnknownModel",
     "UnsupportedModel",
+    "UpstreamError",
+    "WorkerLoad",
     "block_hash",
     "chain_hashes",
     "create_app",
@@ -91,7 +130,10 @@ __all__ = [
     "load_model",
     "load_tiny",
     "make_attention_backend",
+    "make_policy",
     "parse_size",
     "root_hash",
+    "routing_key",
+    "run_router",
     "run_server",
 ]

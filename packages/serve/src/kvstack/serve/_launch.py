@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 from kvstack.serve.errors import ServerStartError
 
@@ -29,10 +30,17 @@ READY_EVENT = "ready"
 class ServerProcess:
     """A running ``python -m kvstack.serve up`` child; ``url`` is its base URL."""
 
-    def __init__(self, proc: subprocess.Popen[str], url: str, stderr_lines: list[str]) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[str],
+        url: str,
+        stderr_lines: list[str],
+        ready: dict[str, Any] | None = None,
+    ) -> None:
         self.proc = proc
         self.url = url
         self._stderr_lines = stderr_lines
+        self.ready = ready or {}  # the child's ready line (``up --workers N`` lists its workers)
 
     @classmethod
     def start(
@@ -41,9 +49,11 @@ class ServerProcess:
         *,
         ready_timeout_s: float = 180.0,
         echo_stderr: bool = False,
+        command: str = "up",
     ) -> ServerProcess:
-        """Run ``up`` with ``up_args`` (add ``--port 0`` for a free port) and wait until ready."""
-        argv = [sys.executable, "-m", "kvstack.serve", "up", *up_args]
+        """Run ``command`` (``up`` or ``router``) with ``up_args`` (add ``--port 0`` for a free
+        port) and wait until it prints its ready line."""
+        argv = [sys.executable, "-m", "kvstack.serve", command, *up_args]
         logger.info("starting server: %s", " ".join(argv))
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
@@ -85,7 +95,7 @@ class ServerProcess:
             except json.JSONDecodeError:
                 continue
             if isinstance(event, dict) and event.get("event") == READY_EVENT:
-                return cls(proc, str(event["url"]), stderr_lines)
+                return cls(proc, str(event["url"]), stderr_lines, event)
 
     @staticmethod
     def _kill(proc: subprocess.Popen[str]) -> None:

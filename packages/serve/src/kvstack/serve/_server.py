@@ -382,7 +382,10 @@ def _stream_response(
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; ``port=0`` picks a free one (read it back with getsockname)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY on accepted connections only when
+    # their proto says TCP. Without it, Nagle plus the peer's delayed ACK held every response on
+    # a reused connection ~40 ms (measured: 44 ms vs 2.7 ms p50 for GET /v1/models, issue 7).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)

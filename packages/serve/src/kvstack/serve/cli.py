@@ -1,4 +1,5 @@
-"""``kvstack-serve``: ``up`` (the server), ``bench`` (a load generator), ``demo`` (the main job).
+"""``kvstack-serve``: ``up`` (the server, or N of them behind a router), ``router`` (the front
+door over running servers), ``bench`` (a load generator), ``demo`` (the main job).
 
 Results (tables, ``--json PATH``) go to stdout and the file; logs and progress to stderr.
 """
@@ -13,7 +14,8 @@ import math
 import signal
 import sys
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,8 +28,10 @@ from kvstack.serve._config import EngineConfig, ServerConfig, parse_size
 from kvstack.serve._env import torch_threads
 from kvstack.serve._launch import ServerProcess
 from kvstack.serve._loader import SMOLLM2_NAME, load_model
+from kvstack.serve._policy import PolicyName
+from kvstack.serve._router import RouterConfig, run_router
 from kvstack.serve._server import run_server
-from kvstack.serve.errors import BenchError, ServeError
+from kvstack.serve.errors import BenchError, ConfigError, ServeError
 
 __all__ = ["main"]
 
@@ -100,6 +104,183 @@ def _add_up_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="per-request deadline in s (default: 600)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="N > 1 starts N worker processes on free ports and a router on --host/--port in "
+        "front of them, with the router options below (default: 1, no router)",
+    )
+    _add_router_arguments(parser.add_argument_group("router (with --workers N > 1)"))
+
+
+def _add_router_arguments(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--policy",
+        default=PolicyName.CACHE_AWARE.value,
+        choices=[p.value for p in PolicyName],
+        help="routing policy (default: cache_aware)",
+    )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.5,
+        help="cache_aware: follow affinity when the matched prefix is over this fraction of the "
+        "prompt (default: 0.5)",
+    )
+    parser.add_argument(
+        "--balance-abs-threshold",
+        type=int,
+        default=32,
+        help="cache_aware: imbalanced when max - min requests in flight exceeds this "
+        "(and the relative threshold); then least loaded (default: 32)",
+    )
+    parser.add_argument(
+        "--balance-rel-threshold",
+        type=float,
+        default=1.5,
+        help="cache_aware: imbalanced when max > this * min requests in flight (and the "
+        "absolute threshold) (default: 1.5)",
+    )
+    parser.add_argument(
+        "--max-tree-nodes",
+        type=int,
+        default=65536,
+        help="cache_aware: prefix-tree nodes (blocks of 16 characters) kept per worker; older "
+        "ones are evicted LRU (default: 65536)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="retries on another worker, only before the first byte (default: 2)",
+    )
+    parser.add_argument(
+        "--breaker-failure-threshold",
+        type=int,
+        default=3,
+        help="consecutive failures that open a worker's circuit breaker (default: 3)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=10.0,
+        help="seconds an open breaker keeps a worker out before a trial request (default: 10)",
+    )
+    parser.add_argument(
+        "--health-check-interval",
+        type=float,
+        default=5.0,
+        help="seconds between /health probes of each worker (default: 5)",
+    )
+
+
+def _router_config(
+    args: argparse.Namespace, workers: Sequence[str], *, host: str, port: int
+) -> RouterConfig:
+    return RouterConfig(
+        workers=tuple(workers),
+        host=host,
+        port=port,
+        policy=args.policy,
+        cache_threshold=args.cache_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        max_tree_nodes=args.max_tree_nodes,
+        max_retries=args.max_retries,
+        breaker_failure_threshold=args.breaker_failure_threshold,
+        breaker_cooldown_s=args.breaker_cooldown,
+        health_check_interval_s=args.health_check_interval,
+        request_timeout_s=args.request_timeout,
+    )
+
+
+# `up` options that a worker started by `up --workers N` does not inherit: the router's own.
+_ROUTER_ONLY_DESTS = frozenset(
+    {
+        "host",
+        "port",
+        "workers",
+        "policy",
+        "cache_threshold",
+        "balance_abs_threshold",
+        "balance_rel_threshold",
+        "max_tree_nodes",
+        "max_retries",
+        "breaker_failure_threshold",
+        "breaker_cooldown",
+        "health_check_interval",
+    }
+)
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The ``up`` arguments of one worker: every engine option given, on a free port."""
+    reference = argparse.ArgumentParser(add_help=False)
+    _add_up_arguments(reference)
+    argv = ["--port", "0"]
+    for action in reference._actions:
+        if not action.option_strings or action.dest in _ROUTER_ONLY_DESTS:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        else:
+            argv.extend([flag, str(value)])
+    return argv
+
+
+def _cmd_up_workers(args: argparse.Namespace) -> int:
+    worker_argv = _worker_argv(args)
+    with ExitStack() as stack:
+        # The workers load their models in parallel; each has its own deadline.
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            futures = [
+                pool.submit(ServerProcess.start, worker_argv, echo_stderr=True)
+                for _ in range(args.workers)
+            ]
+            # Every started worker joins the stack before any failure is raised, so a worker
+            # that failed to start never leaves its siblings running.
+            started = [f.result() for f in futures if f.exception() is None]
+            for worker in started:
+                stack.enter_context(worker)
+            failed = [exc for f in futures if (exc := f.exception()) is not None]
+            if failed:
+                raise failed[0]
+            workers = started
+        config = _router_config(args, [w.url for w in workers], host=args.host, port=args.port)
+
+        def on_ready(url: str) -> None:
+            event = {
+                "event": "ready",
+                "url": url,
+                "workers": [w.url for w in workers],
+                "worker_pids": [w.proc.pid for w in workers],
+            }
+            print(json.dumps(event), flush=True)
+
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            asyncio.run(run_router(config, on_ready=on_ready))
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    config = _router_config(args, args.worker, host=args.host, port=args.port)
+
+    def on_ready(url: str) -> None:
+        print(
+            json.dumps({"event": "ready", "url": url, "workers": list(config.workers)}), flush=True
+        )
+
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    asyncio.run(run_router(config, on_ready=on_ready))
+    return 0
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -125,6 +306,10 @@ def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError("workers", args.workers, "must be at least 1")
+    if args.workers > 1:
+        return _cmd_up_workers(args)
     torch.set_num_threads(torch_threads())
     engine_config = _engine_config(args)
     server_config = ServerConfig(
@@ -504,6 +689,29 @@ def _parser() -> argparse.ArgumentParser:
         "up", help="start the OpenAI-compatible server", description="Start the server."
     )
     _add_up_arguments(up)
+    router = commands.add_parser(
+        "router",
+        help="route OpenAI requests over running servers (cache- and load-aware)",
+        description="An OpenAI-compatible front door over kvstack-serve workers.",
+    )
+    router.add_argument(
+        "--worker",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a worker's base URL, e.g. http://127.0.0.1:8001 (repeat for each worker)",
+    )
+    router.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    router.add_argument(
+        "--port", type=int, default=8080, help="TCP port; 0 picks a free one (default: 8080)"
+    )
+    router.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="per-request deadline in s, first byte and stream (default: 600)",
+    )
+    _add_router_arguments(router)
     bench = commands.add_parser(
         "bench",
         help="benchmark a server (starts one when --base-url is not given)",
@@ -531,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request otherwise
-    handlers = {"up": _cmd_up, "bench": _cmd_bench, "demo": _cmd_demo}
+    handlers = {"up": _cmd_up, "router": _cmd_router, "bench": _cmd_bench, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except ServeError as exc:

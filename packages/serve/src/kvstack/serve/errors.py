@@ -13,6 +13,9 @@ The hierarchy::
     ├── EngineError (RuntimeError)          the engine cannot run a request it accepted
     │   ├── EngineStopped                   the engine loop is not running (closed or crashed)
     │   └── RequestTimeout (TimeoutError)   a request ran past its deadline (HTTP 504)
+    ├── RouterError                         the router cannot place or finish a request
+    │   ├── NoWorkerAvailable               every worker is unhealthy or its breaker is open (503)
+    │   └── UpstreamError                   a worker refused, reset, 5xx'd or cut a stream (502)
     ├── ServerStartError                    a server child process that exited or never got ready
     └── BenchError                          a benchmark run that could not produce results
 
@@ -29,12 +32,15 @@ __all__ = [
     "InvalidRequest",
     "ModelError",
     "ModelNotFound",
+    "NoWorkerAvailable",
     "PromptTooLong",
     "RequestTimeout",
+    "RouterError",
     "ServeError",
     "ServerStartError",
     "UnknownModel",
     "UnsupportedModel",
+    "UpstreamError",
 ]
 
 
@@ -149,6 +155,34 @@ class RequestTimeout(EngineError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[RequestTimeout], tuple[str, float]]:
         return (type(self), (self.request_id, self.timeout_s))
+
+
+class RouterError(ServeError):
+    """The router cannot place or finish a request."""
+
+
+class NoWorkerAvailable(RouterError):
+    """No worker can take a request; ``.num_workers`` is how many are configured."""
+
+    def __init__(self, num_workers: int, reason: str) -> None:
+        super().__init__(f"none of {num_workers} workers is available: {reason}")
+        self.num_workers = num_workers
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[NoWorkerAvailable], tuple[int, str]]:
+        return (type(self), (self.num_workers, self.reason))
+
+
+class UpstreamError(RouterError):
+    """Worker ``.worker`` failed a request; ``.reason`` says how (refused, reset, 5xx, cut off)."""
+
+    def __init__(self, worker: str, reason: str) -> None:
+        super().__init__(f"worker {worker} failed: {reason}")
+        self.worker = worker
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[UpstreamError], tuple[str, str]]:
+        return (type(self), (self.worker, self.reason))
 
 
 class ServerStartError(ServeError):

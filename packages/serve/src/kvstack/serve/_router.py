@@ -1,0 +1,689 @@
+"""The router: an OpenAI-compatible front door that forwards each request to one of N workers.
+
+Workers are ``kvstack-serve up`` servers. The router reads the request body, picks a worker with
+its policy (see ``_policy.py``), and relays the worker's answer byte for byte, SSE included.
+
+Failure handling, in order:
+
+- A worker that refuses the connection, resets it, answers 500/502/503 or sends nothing before
+  the first byte of its body counts as a failure of that worker; the request is retried on
+  another worker after a backoff, at most ``max_retries`` times.
+- Nothing reaches the client before the worker's first body chunk is in hand, so every retry
+  happens before the client's first byte; after it, a failure is never retried and never hidden:
+  an SSE stream gets an OpenAI error event and the connection is cut without ``[DONE]``. A JSON
+  answer is read whole first; if the worker fails midway the client gets a 502, not a retry
+  (the worker already ran the request).
+- Each worker has a circuit breaker: ``breaker_failure_threshold`` consecutive failures open it
+  (no traffic) for ``breaker_cooldown_s``; then one trial request (half-open) closes or reopens
+  it. A health probe of ``/health`` every ``health_check_interval_s`` feeds the same breaker.
+- Every request has a deadline (``request_timeout_s``), first byte and stream alike.
+- ``x-kvstack-trace-id`` (the client's, or a new one) goes to the worker and back to the client,
+  with ``x-kvstack-worker`` naming the worker that answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import httpx2
+import uvicorn
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kvstack.serve._policy import (
+    CacheAwarePolicy,
+    PolicyName,
+    RoutingPolicy,
+    WorkerLoad,
+    make_policy,
+    routing_key,
+)
+from kvstack.serve._protocol import error_body
+from kvstack.serve._server import bind_socket
+from kvstack.serve.errors import (
+    ConfigError,
+    NoWorkerAvailable,
+    RequestTimeout,
+    ServeError,
+    UpstreamError,
+)
+
+__all__ = ["TRACE_HEADER", "WORKER_HEADER", "BreakerState", "Router", "RouterConfig", "run_router"]
+
+logger = logging.getLogger(__name__)
+
+TRACE_HEADER = "x-kvstack-trace-id"
+WORKER_HEADER = "x-kvstack-worker"
+# Statuses that mean "this worker cannot serve now", not "this request is bad": retried elsewhere.
+# 504 is not among them: the worker's own deadline ran out, and another worker would take as long.
+_RETRYABLE_STATUSES = frozenset({500, 502, 503})
+# Response headers relayed from the worker; hop-by-hop ones are the router's own business.
+_RELAYED_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control")
+_ROUTING_BUCKETS_S = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+_REQUEST_BUCKETS_S = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def _check_positive(field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(field, value, "must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """The router: its workers, policy, retries, breaker, health checks and deadlines (seconds)."""
+
+    workers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    policy: str = PolicyName.CACHE_AWARE.value
+    cache_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.5
+    tree_block_len: int = 16
+    max_tree_nodes: int = 65536
+    max_retries: int = 2
+    retry_backoff_s: float = 0.05
+    retry_max_backoff_s: float = 1.0
+    breaker_failure_threshold: int = 3
+    breaker_cooldown_s: float = 10.0
+    health_check_interval_s: float = 5.0
+    health_check_timeout_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 600.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ConfigError("workers", self.workers, "needs at least one worker URL")
+        for url in self.workers:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError("workers", url, "each worker must be an http(s):// URL")
+        if len(set(self.workers)) != len(self.workers):
+            raise ConfigError("workers", self.workers, "lists a worker twice")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError("port", self.port, "must be in 0..65535 (0 picks a free port)")
+        if self.policy not in {p.value for p in PolicyName}:
+            choices = ", ".join(p.value for p in PolicyName)
+            raise ConfigError("policy", self.policy, f"must be one of {choices}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError("cache_threshold", self.cache_threshold, "must be in [0, 1]")
+        if not isinstance(self.balance_abs_threshold, int) or self.balance_abs_threshold < 0:
+            raise ConfigError(
+                "balance_abs_threshold", self.balance_abs_threshold, "must be an integer >= 0"
+            )
+        if not self.balance_rel_threshold >= 1.0:
+            raise ConfigError("balance_rel_threshold", self.balance_rel_threshold, "must be >= 1")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError("max_retries", self.max_retries, "must be an integer >= 0")
+        for name in ("tree_block_len", "max_tree_nodes", "breaker_failure_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(name, value, "must be a positive integer")
+        if self.retry_backoff_s < 0:
+            raise ConfigError("retry_backoff_s", self.retry_backoff_s, "must be >= 0")
+        if self.retry_max_backoff_s < self.retry_backoff_s:
+            raise ConfigError(
+                "retry_max_backoff_s", self.retry_max_backoff_s, "must be >= retry_backoff_s"
+            )
+        _check_positive("breaker_cooldown_s", self.breaker_cooldown_s)
+        _check_positive("health_check_interval_s", self.health_check_interval_s)
+        _check_positive("health_check_timeout_s", self.health_check_timeout_s)
+        _check_positive("connect_timeout_s", self.connect_timeout_s)
+        _check_positive("request_timeout_s", self.request_timeout_s)
+
+
+class BreakerState(StrEnum):
+    """A worker's circuit breaker: closed (in use), open (skipped), half-open (one trial)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class _Breaker:
+    """Consecutive failures open it; after the cooldown one trial request closes or reopens it."""
+
+    def __init__(self, *, failure_threshold: int, cooldown_s: float) -> None:
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self._opened_at = 0.0
+        self._trial_in_flight = False
+
+    def available(self, now: float) -> bool:
+        """Whether a request may go there now (no state change)."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN:
+            return now - self._opened_at >= self.cooldown_s
+        return not self._trial_in_flight
+
+    def on_dispatch(self) -> None:
+        """A request goes there: past an open breaker's cooldown, it is the half-open trial."""
+        if self.state is not BreakerState.CLOSED:
+            self.state = BreakerState.HALF_OPEN
+            self._trial_in_flight = True
+
+    def on_probe_success(self) -> None:
+        """The health probe answered: an open breaker lets one trial through."""
+        if self.state is BreakerState.OPEN:
+            self.state = BreakerState.HALF_OPEN
+            self._trial_in_flight = False
+
+    def record_success(self) -> None:
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self._trial_in_flight = False
+
+    def record_failure(self, now: float) -> None:
+        self.failures += 1
+        self._trial_in_flight = False
+        if self.state is BreakerState.HALF_OPEN or self.failures >= self.failure_threshold:
+            self.state = BreakerState.OPEN
+            self._opened_at = now
+
+
+class _Worker:
+    def __init__(self, url: str, index: int, breaker: _Breaker) -> None:
+        self.url = url.rstrip("/")
+        self.index = index
+        self.breaker = breaker
+        self.in_flight = 0
+
+
+class RouterMetrics:
+    """The ``kvstack_router_*`` series, in a registry of their own."""
+
+    def __init__(self, workers: list[str]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "kvstack_router_requests",
+            "Requests answered, by the worker that answered (or 'none') and HTTP status",
+            ["worker", "status"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvstack_router_retries",
+            "Attempts retried on another worker, by the worker that failed",
+            ["worker"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "kvstack_router_upstream_failures",
+            "Worker failures (refused, reset, 5xx, cut mid-stream, failed health probes)",
+            ["worker"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "kvstack_router_breaker_state",
+            "Circuit breaker per worker: 0 closed, 1 half-open, 2 open",
+            ["worker"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "kvstack_router_requests_in_flight",
+            "Requests the router has on each worker now",
+            ["worker"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "kvstack_router_cache_aware_decisions",
+            "cache_aware choices: hit (affinity), miss (least loaded), imbalanced (least loaded)",
+            ["outcome"],
+            registry=r,
+        )
+        self.routing = Histogram(
+            "kvstack_router_routing_seconds",
+            "Time to pick a worker (policy and candidate filtering)",
+            buckets=_ROUTING_BUCKETS_S,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "kvstack_router_request_duration_seconds",
+            "Time from arrival to the last byte relayed",
+            buckets=_REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        for url in workers:
+            self.breaker_state.labels(url).set(0)
+            self.in_flight.labels(url).set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class _Upstream:
+    worker: _Worker
+    response: httpx2.Response
+    chunks: AsyncIterator[bytes]
+    first: bytes
+
+
+def _error_response(exc: ServeError, trace_id: str) -> JSONResponse:
+    if isinstance(exc, RequestTimeout):
+        status, code = 504, "timeout"
+    elif isinstance(exc, NoWorkerAvailable):
+        status, code = 503, "no_worker_available"
+    else:
+        status, code = 502, "upstream_error"
+    body = error_body(str(exc), kind="server_error", param=None, code=code)
+    return JSONResponse(body, status_code=status, headers={TRACE_HEADER: trace_id})
+
+
+class Router:
+    """Worker state, the policy and the forwarding logic; ``app`` is its ASGI application."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        on_ready: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_ready = on_ready
+        self.workers = [
+            _Worker(
+                url,
+                i,
+                _Breaker(
+                    failure_threshold=config.breaker_failure_threshold,
+                    cooldown_s=config.breaker_cooldown_s,
+                ),
+            )
+            for i, url in enumerate(config.workers)
+        ]
+        self.policy: RoutingPolicy = make_policy(
+            config.policy,
+            cache_threshold=config.cache_threshold,
+            balance_abs_threshold=config.balance_abs_threshold,
+            balance_rel_threshold=config.balance_rel_threshold,
+            block_len=config.tree_block_len,
+            max_nodes_per_tenant=config.max_tree_nodes,
+            seed=config.seed,
+        )
+        self.metrics = RouterMetrics([w.url for w in self.workers])
+        self._client: httpx2.AsyncClient | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncGenerator[None]:
+        await self.start()
+        try:
+            if self._on_ready is not None:
+                result = self._on_ready()
+                if result is not None:
+                    await result
+            yield
+        finally:
+            await self.close()
+
+    async def start(self) -> None:
+        """Open the connection pool and start the health loop."""
+        if self._client is not None:
+            return
+        timeout = httpx2.Timeout(
+            self.config.request_timeout_s, connect=self.config.connect_timeout_s
+        )
+        limits = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
+        self._client = httpx2.AsyncClient(timeout=timeout, limits=limits)
+        self._health_task = asyncio.create_task(self._health_loop(), name="kvstack-router-health")
+
+    async def close(self) -> None:
+        """Stop the health loop and close the pool."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx2.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("Router.start() was not awaited")
+        return self._client
+
+    # ---- worker state ----------------------------------------------------------------------
+
+    def _set_breaker_gauge(self, worker: _Worker) -> None:
+        self.metrics.breaker_state.labels(worker.url).set(_BREAKER_GAUGE[worker.breaker.state])
+
+    def _fail(self, worker: _Worker, reason: str) -> None:
+        before = worker.breaker.state
+        worker.breaker.record_failure(time.monotonic())
+        self.metrics.upstream_failures.labels(worker.url).inc()
+        self._set_breaker_gauge(worker)
+        if worker.breaker.state is BreakerState.OPEN and before is not BreakerState.OPEN:
+            logger.warning("worker %s: circuit breaker opened (%s)", worker.url, reason)
+
+    def _succeed(self, worker: _Worker) -> None:
+        if worker.breaker.state is not BreakerState.CLOSED:
+            logger.info("worker %s: circuit breaker closed", worker.url)
+        worker.breaker.record_success()
+        self._set_breaker_gauge(worker)
+
+    async def _probe(self, worker: _Worker) -> None:
+        try:
+            response = await self.client.get(
+                f"{worker.url}/health", timeout=self.config.health_check_timeout_s
+            )
+            healthy = response.status_code == 200
+            reason = f"health probe answered {response.status_code}"
+        except httpx2.HTTPError as exc:
+            healthy, reason = False, f"health probe failed: {type(exc).__name__}: {exc}"
+        if healthy:
+            worker.breaker.on_probe_success()
+            self._set_breaker_gauge(worker)
+        else:
+            self._fail(worker, reason)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(w) for w in self.workers))
+            await asyncio.sleep(self.config.health_check_interval_s)
+
+    def _pick(self, key: list[int], tried: set[str]) -> _Worker:
+        """A worker for the next attempt, preferring ones this request has not tried yet."""
+        started = time.perf_counter()
+        now = time.monotonic()
+        available = [w for w in self.workers if w.breaker.available(now)]
+        if not available:
+            raise NoWorkerAvailable(len(self.workers), "every circuit breaker is open")
+        fresh = [w for w in available if w.url not in tried] or available
+        loads = [WorkerLoad(w.url, w.in_flight, w.index) for w in fresh]
+        chosen = self.workers[self.policy.select(loads, key).index]
+        if isinstance(self.policy, CacheAwarePolicy):
+            self.metrics.decisions.labels(self.policy.last_outcome).inc()
+        chosen.breaker.on_dispatch()
+        self._set_breaker_gauge(chosen)
+        self.metrics.routing.observe(time.perf_counter() - started)
+        return chosen
+
+    def _backoff_s(self, attempt: int) -> float:
+        return min(
+            self.config.retry_max_backoff_s, self.config.retry_backoff_s * 2 ** (attempt - 1)
+        )
+
+    # ---- forwarding ------------------------------------------------------------------------
+
+    async def _open(
+        self, worker: _Worker, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> _Upstream:
+        """Send to ``worker`` and wait for its status and first body chunk; UpstreamError else."""
+        request = self.client.build_request(
+            method, f"{worker.url}{path}", content=body or None, headers=headers
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx2.HTTPError as exc:
+            raise UpstreamError(worker.url, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if response.status_code in _RETRYABLE_STATUSES:
+                detail = (await response.aread())[:200].decode(errors="replace")
+                raise UpstreamError(worker.url, f"HTTP {response.status_code}: {detail}")
+            chunks = response.aiter_raw()
+            first = await anext(chunks, b"")
+        except httpx2.HTTPError as exc:
+            await response.aclose()
+            raise UpstreamError(worker.url, f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await response.aclose()
+            raise
+        return _Upstream(worker, response, chunks, first)
+
+    async def _forward(self, request: Request, method: str, path: str) -> Response:
+        started = time.perf_counter()
+        trace_id = request.headers.get(TRACE_HEADER) or uuid.uuid4().hex
+        body = await request.body()
+        key: list[int] = []
+        if body:
+            with contextlib.suppress(ValueError):  # a bad body goes through: the worker says why
+                parsed: object = json.loads(body)
+                if isinstance(parsed, dict):
+                    key = routing_key(parsed)
+        headers = {"content-type": "application/json", TRACE_HEADER: trace_id}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_s
+        tried: set[str] = set()
+        upstream: _Upstream | None = None
+        error: ServeError | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                for attempt in range(self.config.max_retries + 1):
+                    if attempt:
+                        await asyncio.sleep(self._backoff_s(attempt))
+                    try:
+                        worker = self._pick(key, tried)
+                    except NoWorkerAvailable as exc:
+                        if error is not None:  # keep the failure that opened the last breaker
+                            exc = NoWorkerAvailable(exc.num_workers, f"{exc.reason}; {error}")
+                        error = exc
+                        break
+                    tried.add(worker.url)
+                    worker.in_flight += 1
+                    self.metrics.in_flight.labels(worker.url).set(worker.in_flight)
+                    try:
+                        upstream = await self._open(worker, method, path, body, headers)
+                    except UpstreamError as exc:
+                        self._release(worker)
+                        self._fail(worker, exc.reason)
+                        error = exc
+                        if attempt < self.config.max_retries:
+                            self.metrics.retries.labels(worker.url).inc()
+                            logger.info("trace %s: %s; retrying", trace_id, exc)
+                        continue
+                    except BaseException:
+                        self._release(worker)
+                        raise
+                    break
+        except TimeoutError:
+            if upstream is not None:  # the deadline fired just as the worker answered
+                await upstream.response.aclose()
+                self._release(upstream.worker)
+                upstream = None
+            error = RequestTimeout(trace_id, self.config.request_timeout_s)
+        if upstream is None:
+            if error is None:
+                error = NoWorkerAvailable(len(self.workers), "no attempt was made")
+            response = _error_response(error, trace_id)
+            self.metrics.requests.labels("none", str(response.status_code)).inc()
+            self.metrics.duration.observe(time.perf_counter() - started)
+            return response
+        self._succeed(upstream.worker)
+        if upstream.response.headers.get("content-type", "").startswith("text/event-stream"):
+            return self._relay(upstream, trace_id, deadline, started)
+        return await self._whole(upstream, trace_id, deadline, started)
+
+    def _release(self, worker: _Worker) -> None:
+        worker.in_flight -= 1
+        self.metrics.in_flight.labels(worker.url).set(worker.in_flight)
+
+    def _headers(self, upstream: _Upstream, trace_id: str) -> dict[str, str]:
+        headers = upstream.response.headers
+        relayed = {k: headers[k] for k in _RELAYED_HEADERS if k in headers}
+        relayed[TRACE_HEADER] = trace_id
+        relayed[WORKER_HEADER] = upstream.worker.url
+        return relayed
+
+    async def _whole(
+        self, upstream: _Upstream, trace_id: str, deadline: float, started: float
+    ) -> Response:
+        """A JSON answer, read whole before the client sees a byte (a plain response costs the
+        router less CPU than a streamed one: measured with benchmarks/bench_router.py)."""
+        worker, response = upstream.worker, upstream.response
+        parts = [upstream.first]
+        error: ServeError | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in upstream.chunks:
+                    parts.append(chunk)
+        except httpx2.HTTPError as exc:
+            error = UpstreamError(worker.url, f"cut mid-response: {exc!r}")
+            self._fail(worker, error.reason)
+        except TimeoutError:
+            error = RequestTimeout(trace_id, self.config.request_timeout_s)
+        finally:
+            await response.aclose()
+            self._release(worker)
+        self.metrics.duration.observe(time.perf_counter() - started)
+        if error is not None:
+            # Nothing reached the client yet, but the worker did run the request: answer the
+            # error rather than run it twice (a retry here would double the worker's load).
+            logger.warning("trace %s: %s", trace_id, error)
+            self.metrics.requests.labels(worker.url, "aborted").inc()
+            return _error_response(error, trace_id)
+        self.metrics.requests.labels(worker.url, str(response.status_code)).inc()
+        headers = self._headers(upstream, trace_id)
+        headers.pop("content-length", None)  # Response sets it from the body
+        return Response(b"".join(parts), status_code=response.status_code, headers=headers)
+
+    def _relay(
+        self, upstream: _Upstream, trace_id: str, deadline: float, started: float
+    ) -> StreamingResponse:
+        worker, response = upstream.worker, upstream.response
+        status = response.status_code
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                if upstream.first:
+                    yield upstream.first
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        async for chunk in upstream.chunks:
+                            yield chunk
+                except (httpx2.HTTPError, TimeoutError) as exc:
+                    if isinstance(exc, TimeoutError):
+                        failure: ServeError = RequestTimeout(
+                            trace_id, self.config.request_timeout_s
+                        )
+                    else:
+                        failure = UpstreamError(worker.url, f"cut mid-response: {exc!r}")
+                        self._fail(worker, failure.reason)
+                    logger.warning("trace %s: %s", trace_id, failure)
+                    self.metrics.requests.labels(worker.url, "aborted").inc()
+                    event = error_body(str(failure), kind="server_error", param=None, code=None)
+                    yield f"data: {json.dumps(event)}\n\n".encode()
+                    # Raising cuts the connection without a clean end of body: the client sees an
+                    # error, never a truncated answer that looks complete.
+                    raise failure from exc
+                self.metrics.requests.labels(worker.url, str(status)).inc()
+            finally:
+                await response.aclose()
+                self._release(worker)
+                self.metrics.duration.observe(time.perf_counter() - started)
+
+        return StreamingResponse(
+            relay(), status_code=status, headers=self._headers(upstream, trace_id)
+        )
+
+    # ---- routes ----------------------------------------------------------------------------
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._forward(request, "POST", "/v1/completions")
+
+    async def _chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, "POST", "/v1/chat/completions")
+
+    async def _models(self, request: Request) -> Response:
+        return await self._forward(request, "GET", "/v1/models")
+
+    async def _health(self, _request: Request) -> Response:
+        now = time.monotonic()
+        workers = [
+            {
+                "url": w.url,
+                "breaker": w.breaker.state.value,
+                "available": w.breaker.available(now),
+                "in_flight": w.in_flight,
+            }
+            for w in self.workers
+        ]
+        ok = any(w["available"] for w in workers)
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "no worker available",
+            "policy": self.policy.name,
+            "workers": workers,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def _metrics(self, _request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def run_router(
+    config: RouterConfig,
+    *,
+    on_ready: Callable[[str], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve ``config`` until ``stop`` is set, or cancelled or signalled (SIGINT/SIGTERM);
+    ``on_ready(url)`` once listening."""
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    async def announce() -> None:
+        # Runs at lifespan startup with the pool open, just before uvicorn accepts on the socket.
+        logger.info("routing at %s over %d workers (%s)", url, len(config.workers), config.policy)
+        if on_ready is not None:
+            result = on_ready(url)
+            if result is not None:
+                await result
+
+    router = Router(config, on_ready=announce)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            router.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        )
+    )
+
+    async def stop_when_told(event: asyncio.Event) -> None:
+        await event.wait()
+        server.should_exit = True  # uvicorn's own graceful exit, checked every 0.1 s
+
+    watcher = asyncio.create_task(stop_when_told(stop)) if stop is not None else None
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        sock.close()
+        logger.info("router at %s stopped", url)
