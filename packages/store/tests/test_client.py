@@ -22,6 +22,7 @@ from kvstack.store import (
     PutOptions,
     StoreClient,
 )
+from kvstack.transfer import Op as TransferOp
 
 from .conftest import SHARED_HEARTBEAT_TIMEOUT_S, Cluster
 
@@ -110,6 +111,59 @@ def test_zero_copy_batch_into_one_preallocated_buffer(client: StoreClient) -> No
     views = [dest[i * (256 << 10) : (i + 1) * (256 << 10)] for i in range(24)]
     assert client.get_into_batch(keys, views).values() == [256 << 10] * 24
     assert dest.tobytes() == b"".join(values)
+
+
+def test_one_batch_get_into_mixes_outcomes_and_fails_over(client: StoreClient) -> None:
+    # One engine batch carries every item; each keeps its own outcome. Eight 1 MiB values take
+    # the grouped, verified path (>= 4 MiB in all); "mix/bad" has a corrupted first replica,
+    # which must fail its checksum and be read from the second one.
+    big = {f"mix/{i}": _value(300 + i, MiB) for i in range(8)}
+    client.put_batch(big).raise_for_errors()
+    client.put("mix/empty", b"")
+    bad = _value(399, 5000)
+    client.put("mix/bad", bad, options=PutOptions(replicas=2))
+    loc = client._locate(["mix/bad"], deadline=__import__("time").monotonic() + 30)[0]
+    assert not isinstance(loc, Exception)
+    _node, segment, offset = loc.replicas[0]
+    client._engine.transfer_buffers(TransferOp.WRITE, [(b"garbage!", segment, offset)])
+
+    keys = [*big, "mix/missing", "mix/empty", "mix/bad", "mix/0"]
+    buffers = [np.zeros(MiB, dtype=np.uint8) for _ in big]
+    buffers += [bytearray(8), bytearray(0), bytearray(5000), bytearray(10)]  # last: too small
+    result = client.get_into_batch(keys, buffers)
+    assert [o.ok for o in result] == [True] * 8 + [False, True, True, False]
+    assert [result[i].value for i in range(8)] == [MiB] * 8
+    for key, buf in zip(big, buffers, strict=False):
+        assert bytes(buf) == big[key]
+    assert isinstance(result[8].error, NotFound)
+    assert result[9].value == 0
+    assert bytes(buffers[10]) == bad
+    assert isinstance(result[11].error, InvalidArgument)
+    assert "smaller than key 'mix/0'" in str(result[11].error)
+
+
+def test_batch_put_and_get_from_many_threads(client: StoreClient) -> None:
+    # Each thread puts and reads back its own batch of mixed sizes through the one client.
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for round_ in range(5):
+                items = {f"thr/{t}/{round_}/{i}": _value(t * 50 + i, 1000 * i) for i in range(6)}
+                client.put_batch(items).raise_for_errors()
+                outs = [bytearray(len(v)) for v in items.values()]
+                client.get_into_batch(list(items), outs).raise_for_errors()
+                assert [bytes(o) for o in outs] == list(items.values())
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
 
 
 def test_replicas_land_on_distinct_nodes_preferred_first(client: StoreClient) -> None:

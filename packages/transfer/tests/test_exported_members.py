@@ -17,6 +17,7 @@ def test_all_is_the_sorted_public_surface() -> None:
         "AuthenticationFailed",
         "Batch",
         "BatchFailed",
+        "BufferItem",
         "ConfigError",
         "Engine",
         "EngineConfig",

@@ -8,6 +8,7 @@ processes and hosts (shared memory, TCP, CUDA), and the metadata service that na
     batch.wait(); batch.raise_for_errors()        # or poll(), statuses(), add_done_callback()
     engine.read("kv0", "peer-kv", 4096)           # one-off helpers raise the request's error
     engine.write_tensor(tensor, "peer-kv")        # tensor helpers
+    engine.transfer_buffers(Op.READ, [(out, "peer-kv", 0), ...])  # one batch, caller memory
 
 ``AsyncEngine`` offers the same API for asyncio. The transport per peer is the fastest that
 can reach it (``local`` same process, ``cuda`` CUDA IPC, ``shm`` same host, ``tcp``), or the
@@ -24,6 +25,7 @@ from kvstack.transfer._metadata import MetadataBackend, open_metadata
 from kvstack.transfer._metadata_server import MetadataServer
 from kvstack.transfer._transport import Transport
 from kvstack.transfer._types import (
+    BufferItem,
     Op,
     RequestStatus,
     SegmentInfo,
@@ -53,6 +55,7 @@ __all__ = [
     "AuthenticationFailed",
     "Batch",
     "BatchFailed",
+    "BufferItem",
     "ConfigError",
     "Engine",
     "EngineConfig",

@@ -13,7 +13,7 @@ import numpy as np
 from kvstack.transfer._batch import Batch
 from kvstack.transfer._config import EngineConfig
 from kvstack.transfer._engine import Engine
-from kvstack.transfer._types import SegmentInfo, TransferOutcome, TransferRequest
+from kvstack.transfer._types import BufferItem, Op, SegmentInfo, TransferOutcome, TransferRequest
 from kvstack.transfer.errors import TransferTimeout
 
 __all__ = ["AsyncEngine"]
@@ -96,6 +96,32 @@ class AsyncEngine:
     ) -> None:
         """Submit, await, and raise BatchFailed naming every failed request, if any."""
         batch = await self.submit(requests, transport=transport)
+        await self.wait(batch)
+        batch.raise_for_errors()
+
+    async def submit_buffers(
+        self,
+        op: Op,
+        items: Sequence[BufferItem],
+        *,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> Batch:
+        """Engine.submit_buffers on this engine's executor; await ``wait(batch)`` next."""
+        return await self._run(
+            self.engine.submit_buffers, op, items, timeout_s=timeout_s, transport=transport
+        )
+
+    async def transfer_buffers(
+        self,
+        op: Op,
+        items: Sequence[BufferItem],
+        *,
+        timeout_s: float | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Submit caller buffers, await, and raise BatchFailed naming every failed item."""
+        batch = await self.submit_buffers(op, items, timeout_s=timeout_s, transport=transport)
         await self.wait(batch)
         batch.raise_for_errors()
 

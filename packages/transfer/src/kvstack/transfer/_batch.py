@@ -130,6 +130,9 @@ class Batch:
         self._event: threading.Event | None = None
         self._callbacks: list[Callable[[Batch], None]] = []
         self._on_error = on_error
+        # Caller buffers of Engine.submit_buffers: alive until the batch is (no copy may land
+        # in freed memory).
+        self._keepalive: object = None
 
     def __len__(self) -> int:
         return len(self.requests)

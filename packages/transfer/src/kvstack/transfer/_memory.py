@@ -314,7 +314,11 @@ def _share(chunks: int, copy_chunk: Callable[[int], None]) -> None:
     futures = [_copy_pool().submit(worker) for _ in range(helpers)]
     worker()
     for future in futures:
-        future.result()
+        # A helper still queued (the copy threads are busy with another caller's copy) has
+        # taken no chunk: drop it rather than wait for a thread to free up. Several threads
+        # copying at once (the store's verified batch reads) otherwise queue behind each other.
+        if not future.cancel():
+            future.result()
 
 
 def memcpy_many(dsts: list[int], srcs: list[int], lengths: list[int], *, total: int) -> None:

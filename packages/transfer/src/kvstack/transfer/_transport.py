@@ -216,6 +216,33 @@ class ShmTransport:
         _memory.memcpy_many(dsts, srcs, pages.lengths.tolist(), total=total)
         return True
 
+    def copy_ranges(
+        self,
+        info: SegmentInfo,
+        *,
+        reading: bool,
+        local_addresses: list[int],
+        remote_offsets: list[int],
+        lengths: list[int],
+        total: int,
+    ) -> bool:
+        """Copy between checked local host addresses and ranges of ``info`` (caller buffers,
+        see Engine.submit_buffers); False (nothing copied) like ``copy_pages``.
+        """
+        if not is_alive(info.pid):
+            return False
+        try:
+            region = self._region(info)
+        except TransferError:
+            return False
+        base = region.address
+        remote_addresses = [base + offset for offset in remote_offsets]
+        dsts, srcs = (
+            (local_addresses, remote_addresses) if reading else (remote_addresses, local_addresses)
+        )
+        _memory.memcpy_many(dsts, srcs, lengths, total=total)
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._maps = {}  # mappings go with their last reference (see ShmRegion.unlink)

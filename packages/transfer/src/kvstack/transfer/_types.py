@@ -9,7 +9,7 @@ from typing import Any
 
 from kvstack.transfer.errors import InvalidRequest, MetadataError, TransferError
 
-__all__ = ["Op", "RequestStatus", "SegmentInfo", "TransferOutcome", "TransferRequest"]
+__all__ = ["BufferItem", "Op", "RequestStatus", "SegmentInfo", "TransferOutcome", "TransferRequest"]
 
 
 class Op(StrEnum):
@@ -95,3 +95,8 @@ class TransferOutcome:
     @property
     def ok(self) -> bool:
         return self.status is RequestStatus.DONE
+
+
+# One item of Engine.submit_buffers: (local buffer, remote segment name, remote offset in bytes).
+# The buffer is a bytes-like object, numpy array or torch tensor; its whole length moves.
+BufferItem = tuple[object, str, int]
