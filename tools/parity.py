@@ -141,13 +141,28 @@ def check_config(
         problems.extend(f"{sample}: {w}" for w in warnings)
         if config != expected:
             problems.append(f"{sample} is checked with {config or 'no config'}, not {expected}")
-    for pyproject in sorted(root.glob("**/pyproject.toml")):
+    for pyproject in project_files(root, "pyproject.toml"):
         relative = pyproject.relative_to(root)
-        if relative.parts[0] in (".venv", ".nox") or relative.is_relative_to(LINTER_FIXTURES):
+        if relative.is_relative_to(LINTER_FIXTURES):
             continue
         if re.search(r"^\s*\[tool\.pyrefly", pyproject.read_text(), re.MULTILINE):
             problems.append(f"{relative} has a [tool.pyrefly] table")
     return problems
+
+
+def project_files(root: Path, name: str) -> list[Path]:
+    """Files called `name` that belong to the project: what git tracks or would track (ignored
+    folders such as .venv or build outputs excluded); every match outside a git checkout."""
+    proc = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", f"*{name}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return sorted(p for p in root.glob(f"**/{name}") if ".venv" not in p.parts)
+    return sorted(root / line for line in proc.stdout.splitlines() if line.endswith(name))
 
 
 # 3. LSP = CLI --------------------------------------------------------------------------------
