@@ -35,11 +35,30 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    hold_blocks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Reserve:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Activate:
+    request_id: str
+    first_token: int
+
+
+_Command = _Add | _Abort | _Reserve | _Activate
 
 
 @dataclass(slots=True)
@@ -57,7 +76,8 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self._cv = threading.Condition()
-        self._commands: list[_Add | _Abort] = []
+        self._commands: list[_Command] = []
+        self._reservations: list[_Reserve] = []  # waiting for free blocks, in arrival order
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._stopping = False
@@ -89,7 +109,7 @@ class AsyncEngine:
             if self._thread.is_alive():
                 logger.warning("engine thread did not stop within %.1f s", timeout_s)
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def _submit(self, command: _Command) -> None:
         with self._cv:
             self._commands.append(command)
             self._cv.notify()
@@ -102,23 +122,58 @@ class AsyncEngine:
         """Raise InvalidRequest/PromptTooLong now, before a response starts streaming."""
         self.engine.validate(prompt_token_ids, params)
 
-    async def generate(
+    def release_held(self, request_id: str) -> None:
+        """Free the blocks of a finished ``hold_blocks`` request (same as ``abort``)."""
+        self._submit(_Abort(request_id))
+
+    async def reserve(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> list[int]:
+        """Decode side of a PD handoff: blocks for the prompt's KV, once enough are free.
+
+        Cancelling the wait (or failing later) must be followed by ``abort(request_id)``.
+        """
+        if self._dead is not None or self._stopping:
+            raise EngineStopped(self._dead or "closed")
+        self.validate(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        self._submit(_Reserve(request_id, list(prompt_token_ids), params, loop, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        hold_blocks: bool = False,
+        first_token: int | None = None,
     ) -> AsyncGenerator[RequestOutput]:
         """Outputs of one request as the engine produces them; the last has ``finished``.
 
+        ``first_token`` activates a request ``reserve`` prepared (its prompt KV has landed);
+        ``hold_blocks`` keeps a finished request's blocks until ``release_held``.
         Leaving the iteration early (a client disconnect, a cancelled task) aborts the request.
         Raises EngineStopped when the engine is closed or dies, InvalidRequest for bad input.
         """
         if self._dead is not None or self._stopping:
             raise EngineStopped(self._dead or "closed")
-        self.validate(prompt_token_ids, params)
+        if first_token is None:
+            self.validate(prompt_token_ids, params)
         stream = _Stream(
             loop=asyncio.get_running_loop(), queue=asyncio.Queue(), arrival_s=time.monotonic()
         )
         with self._streams_lock:
             self._streams[request_id] = stream
-        self._submit(_Add(request_id, list(prompt_token_ids), params))
+        if first_token is None:
+            self._submit(_Add(request_id, list(prompt_token_ids), params, hold_blocks))
+        else:
+            self._submit(_Activate(request_id, first_token))
         finished = False
         try:
             while True:
@@ -160,21 +215,60 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Command) -> None:
         if isinstance(command, _Abort):
+            self._reservations = [
+                r for r in self._reservations if r.request_id != command.request_id
+            ]
             if self.engine.abort(command.request_id) and self.metrics is not None:
                 self.metrics.observe_aborted()
             return
+        if isinstance(command, _Reserve):
+            self._reservations.append(command)
+            return
         try:
-            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+            if isinstance(command, _Activate):
+                output = self.engine.activate(command.request_id, command.first_token)
+                self._deliver(command.request_id, output)
+            else:
+                self.engine.add_request(
+                    command.request_id,
+                    command.prompt_token_ids,
+                    command.params,
+                    hold_blocks=command.hold_blocks,
+                )
         except ServeError as exc:
             self._deliver(command.request_id, exc)
 
-    def _shut_down(self, commands: list[_Add | _Abort]) -> None:
+    def _grant_reservations(self) -> None:
+        # In arrival order: a later small one never overtakes an earlier big one forever.
+        while self._reservations:
+            command = self._reservations[0]
+            if command.future.done():  # the caller gave up; its abort is on the way
+                self._reservations.pop(0)
+                continue
+            try:
+                blocks = self.engine.reserve(
+                    command.request_id, command.prompt_token_ids, command.params
+                )
+            except ServeError as exc:
+                self._reservations.pop(0)
+                _resolve(command, exc)
+                continue
+            if blocks is None:
+                return
+            self._reservations.pop(0)
+            _resolve(command, blocks)
+
+    def _shut_down(self, commands: list[_Command]) -> None:
         # Requests still queued or running end here, so every block goes back to the pool.
         for command in commands:
             if isinstance(command, _Abort):
                 self._apply(command)
+        for command in (*self._reservations, *commands):
+            if isinstance(command, _Reserve):
+                _resolve(command, EngineStopped("closed"))
+        self._reservations = []
         for request_id in self.engine.request_ids():
             self.engine.abort(request_id)
         self._stats = self.engine.stats()
@@ -185,13 +279,14 @@ class AsyncEngine:
                 with self._cv:
                     while not (self._commands or self.engine.has_unfinished() or self._stopping):
                         self._cv.wait(_IDLE_WAIT_S)
-                    commands: list[_Add | _Abort] = self._commands
+                    commands: list[_Command] = self._commands
                     self._commands = []
                 if self._stopping:
                     self._shut_down(commands)
                     break
                 for command in commands:
                     self._apply(command)
+                self._grant_reservations()
                 outputs = self.engine.step() if self.engine.has_unfinished() else []
                 # Stats first, so a caller that sees an output sees state at least this new.
                 self._stats = self.engine.stats()
@@ -204,7 +299,24 @@ class AsyncEngine:
             logger.exception("engine thread died")
             reason = f"{type(exc).__name__}: {exc}"
         self._dead = reason
+        for command in self._reservations:
+            _resolve(command, EngineStopped(reason))
         with self._streams_lock:
             pending = list(self._streams)
         for request_id in pending:
             self._deliver(request_id, EngineStopped(reason))
+
+
+def _resolve(command: _Reserve, result: list[int] | BaseException) -> None:
+    """Complete a reservation's future from the engine thread (unless its caller gave up)."""
+
+    def settle() -> None:
+        if command.future.done():
+            return  # cancelled after the grant: the caller's abort frees the blocks
+        if isinstance(result, BaseException):
+            command.future.set_exception(result)
+        else:
+            command.future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+        command.loop.call_soon_threadsafe(settle)

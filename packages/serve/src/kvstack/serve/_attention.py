@@ -31,11 +31,28 @@ __all__ = [
 
 @dataclass(slots=True)
 class PagedKVCache:
-    """Per-layer K and V pages, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """Per-layer K and V pages, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    Block-major: all of block ``b`` (every layer's K then V page) is one contiguous run of
+    ``block_nbytes`` bytes at ``b * block_nbytes`` in ``blocks`` (``[num_blocks, block_nbytes]``
+    uint8). A KV handoff or a store read then moves one range per block, not one per layer
+    (the per-layer views have a free block stride, which both attention backends accept).
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     block_size: int
+    blocks: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the cache."""
+        return self.blocks.shape[0]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block across all layers, K and V."""
+        return self.blocks.shape[1]
 
     @classmethod
     def allocate(
@@ -48,13 +65,36 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        memory: torch.Tensor | None = None,
     ) -> PagedKVCache:
-        """Zeroed pages for every layer."""
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+        """Zeroed pages for every layer, in ``memory`` (flat uint8: a shared segment) or new."""
+        nbytes = num_blocks * cls.bytes_per_block(
+            num_layers=num_layers,
             block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+        )
+        if memory is None:
+            memory = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        elif memory.dtype != torch.uint8 or memory.numel() < nbytes or memory.device != device:
+            raise ConfigError(
+                "kv_memory",
+                f"{memory.numel()} {memory.dtype} on {memory.device}",
+                f"must be at least {nbytes} uint8 on {device}",
+            )
+        else:
+            memory = memory[:nbytes]
+            memory.zero_()
+        # [num_blocks, layers, K/V, block_size, kv_heads, head_dim]
+        typed = memory.view(dtype).view(
+            num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim
+        )
+        return cls(
+            keys=[typed[:, layer, 0] for layer in range(num_layers)],
+            values=[typed[:, layer, 1] for layer in range(num_layers)],
+            block_size=block_size,
+            blocks=memory.view(num_blocks, -1),
         )
 
     @staticmethod
@@ -102,7 +142,8 @@ class _Group:
 
     rows: torch.Tensor  # [S, max_q] query row of each padded slot (0 where padding)
     row_valid: torch.Tensor  # [S, max_q] bool
-    slots: torch.Tensor  # [S, max_ctx] cache slot of each context position (0 where padding)
+    blocks: torch.Tensor  # [S, max_ctx] block of each context position (0 where padding)
+    offsets: torch.Tensor  # [S, max_ctx] its offset in the block
     mask: torch.Tensor  # [S, 1, max_q, max_ctx] bool, True = attend
 
 
@@ -114,12 +155,14 @@ class TorchPagedAttention:
     def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
         self._groups: list[_Group] = []
-        self._slot_mapping = torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long)
+        self._write_at = (empty, empty)
 
     def begin(self, layout: BatchLayout) -> None:
         device = self.cache.keys[0].device
         bs = self.cache.block_size
-        self._slot_mapping = layout.slot_mapping
+        slot_mapping = layout.slot_mapping.to(device)
+        self._write_at = (slot_mapping // bs, slot_mapping % bs)
         decodes: list[int] = []
         prefills: list[int] = []
         for s in range(len(layout.seq_lens)):
@@ -142,7 +185,7 @@ class TorchPagedAttention:
                     layout.query_start[s], layout.query_start[s + 1]
                 )
             positions = torch.arange(max_ctx)
-            slots = tables[:, positions // bs] * bs + positions % bs  # [S, max_ctx]
+            blocks = tables[:, positions // bs]  # [S, max_ctx]
             q_len_t = torch.tensor(q_lens)[:, None]
             ctx_t = torch.tensor(ctx)[:, None]
             row_valid = torch.arange(max_q)[None, :] < q_len_t
@@ -155,7 +198,8 @@ class TorchPagedAttention:
                 _Group(
                     rows=rows.to(device),
                     row_valid=row_valid.to(device),
-                    slots=slots.to(device),
+                    blocks=blocks.to(device),
+                    offsets=(positions % bs).expand_as(blocks).to(device),
                     mask=mask[:, None].to(device),
                 )
             )
@@ -164,15 +208,15 @@ class TorchPagedAttention:
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         k_pages, v_pages = self.cache.keys[layer], self.cache.values[layer]
-        k_flat = k_pages.view(-1, k_pages.shape[2], k_pages.shape[3])  # [slots, kv_heads, dim]
-        v_flat = v_pages.view(-1, v_pages.shape[2], v_pages.shape[3])
-        k_flat.index_copy_(0, self._slot_mapping, key)
-        v_flat.index_copy_(0, self._slot_mapping, value)
+        # Pages of one layer are not adjacent (block-major cache): index (block, offset) pairs.
+        blocks, offsets = self._write_at
+        k_pages[blocks, offsets] = key
+        v_pages[blocks, offsets] = value
         out = torch.empty_like(query)
         for g in self._groups:
             q = query[g.rows].transpose(1, 2)  # [S, heads, max_q, dim]
-            k = k_flat[g.slots].transpose(1, 2)  # [S, kv_heads, max_ctx, dim]
-            v = v_flat[g.slots].transpose(1, 2)
+            k = k_pages[g.blocks, g.offsets].transpose(1, 2)  # [S, kv_heads, max_ctx, dim]
+            v = v_pages[g.blocks, g.offsets].transpose(1, 2)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=True)
             out[g.rows[g.row_valid]] = o.transpose(1, 2)[g.row_valid]
         return out

@@ -32,6 +32,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _check_timeout(field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(field, value, "must be a positive number of seconds")
+
+
 def _positive(field: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(field, value, "must be a positive integer")
@@ -81,8 +86,22 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None
     request_timeout_s: float = 600.0
+    # Disaggregation: "colocated", "prefill" or "decode" (see _disagg.py).
+    mode: str = "colocated"
+    # Transfer metadata service (http://, redis://, memory://) for PD KV handoffs; None: the
+    # KVSTACK_TRANSFER_METADATA default.
+    transfer_metadata_url: str | None = None
+    # Store master (host:port) for global prefix reuse; None: no store.
+    store_master: str | None = None
+    # Decode side: reserve + prefill + push must finish within this; prefill side: one push.
+    handoff_timeout_s: float = 60.0
+    push_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.mode not in ("colocated", "prefill", "decode"):
+            raise ConfigError("mode", self.mode, "must be colocated, prefill or decode")
+        _check_timeout("handoff_timeout_s", self.handoff_timeout_s)
+        _check_timeout("push_timeout_s", self.push_timeout_s)
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError("port", self.port, "must be in 0..65535 (0 picks a free port)")
         if not self.request_timeout_s > 0:

@@ -19,9 +19,11 @@ from kvstack.serve._loader import LoadedModel
 from kvstack.serve._request import FinishReason, Request, RequestOutput, RequestStatus
 from kvstack.serve._sampling import SamplingParams, sample_next
 from kvstack.serve._scheduler import Scheduler
+from kvstack.serve._store_cache import StoreCacheStats, StorePrefixCache
 from kvstack.serve.errors import EngineError, InvalidRequest, PromptTooLong
+from kvstack.store import StoreClient
 
-__all__ = ["EngineStats", "LLMEngine", "StepTiming"]
+__all__ = ["EngineStats", "LLMEngine", "StepTiming", "kv_cache_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,40 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     kv: KVCacheStats
+    num_transferring: int = 0  # decode side: requests whose prompt KV is being written
+    num_held: int = 0  # prefill side: finished prefills whose blocks a handoff still reads
+    store_hit_tokens: int = 0  # prompt tokens read from the store instead of computed
+    store: StoreCacheStats | None = None
+
+
+def kv_cache_size(loaded: LoadedModel, config: EngineConfig) -> tuple[int, int]:
+    """``(num_blocks, bytes per block)`` of the KV cache ``config`` asks for on this model."""
+    mc = loaded.model.config
+    per_block = PagedKVCache.bytes_per_block(
+        num_layers=mc.num_layers,
+        block_size=config.block_size,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        dtype=_DTYPES[config.dtype],
+    )
+    if config.num_blocks is not None:
+        return config.num_blocks, per_block
+    return max(1, config.kv_cache_bytes // per_block), per_block
 
 
 class LLMEngine:
     """Paged KV cache, continuous batching scheduler, model runner and sampler in one step."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        kv_memory: torch.Tensor | None = None,
+        store: StoreClient | None = None,
+    ) -> None:
+        """``kv_memory``: flat uint8 memory for the KV cache (a transfer segment, so peers can
+        write pages into it); ``store``: share full KV blocks with other instances."""
         self.config = config = config or EngineConfig()
         device = torch.device(config.device)
         dtype = _DTYPES[config.dtype]
@@ -61,17 +91,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = loaded.tokenizer
         mc = model.config
-        if config.num_blocks is not None:
-            num_blocks = config.num_blocks
-        else:
-            per_block = PagedKVCache.bytes_per_block(
-                num_layers=mc.num_layers,
-                block_size=config.block_size,
-                num_kv_heads=mc.num_kv_heads,
-                head_dim=mc.head_dim,
-                dtype=dtype,
-            )
-            num_blocks = max(1, config.kv_cache_bytes // per_block)
+        num_blocks, _ = kv_cache_size(loaded, config)
         self.num_blocks = num_blocks
         self.max_model_len = min(
             config.max_model_len or mc.context_length,
@@ -86,9 +106,11 @@ class LLMEngine:
             head_dim=mc.head_dim,
             dtype=dtype,
             device=device,
+            memory=kv_memory,
         )
         self.attention = make_attention_backend(config.attention_backend, self.cache)
         self.pool = BlockPool(num_blocks)
+        self.store = StorePrefixCache(store, self.cache) if store is not None else None
         self.scheduler = Scheduler(
             self.pool,
             block_size=config.block_size,
@@ -96,9 +118,11 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             enable_prefix_caching=config.enable_prefix_caching,
+            store=self.store,
         )
         self.device = device
         self._requests: dict[str, Request] = {}
+        self._held: dict[str, Request] = {}  # finished prefills whose blocks a handoff reads
         self.last_step: StepTiming | None = None
         logger.info(
             "engine ready: %s on %s/%s, %d blocks of %d tokens, max_model_len %d, attention %s",
@@ -126,25 +150,76 @@ class LLMEngine:
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLong(len(prompt_token_ids), params.max_tokens, self.max_model_len)
 
-    def add_request(
+    def _new_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> None:
-        """Queue a request; raises InvalidRequest (or PromptTooLong) before queueing anything."""
-        if request_id in self._requests:
+    ) -> Request:
+        if request_id in self._requests or request_id in self._held:
             raise InvalidRequest("request_id", f"request {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
-        request = Request(
+        return Request(
             request_id,
             list(prompt_token_ids),
             params,
             eos_token_id=self.tokenizer.eos_token_id,
             device=self.device,
         )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        hold_blocks: bool = False,
+    ) -> None:
+        """Queue a request; raises InvalidRequest (or PromptTooLong) before queueing anything.
+
+        ``hold_blocks``: when it finishes, keep its blocks (listed in the last output's
+        ``held_block_ids``) until ``release_held``: a prefill whose KV a handoff still reads.
+        """
+        request = self._new_request(request_id, prompt_token_ids, params)
+        request.hold_blocks = hold_blocks
         self._requests[request_id] = request
         self.scheduler.add(request)
 
+    def reserve(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Decode side of a PD handoff: hold blocks for the prompt's KV, which a prefill worker
+        then writes; None while too few blocks are free (try again after a step).
+        ``activate`` starts decoding; ``abort`` gives the blocks back.
+        """
+        request = self._new_request(request_id, prompt_token_ids, params)
+        if not self.scheduler.reserve(request):
+            return None
+        self._requests[request_id] = request
+        return list(request.block_ids)
+
+    def activate(self, request_id: str, first_token: int) -> RequestOutput:
+        """The reserved request's prompt KV has landed and the prefill sampled ``first_token``:
+        emit it and decode from here. Raises InvalidRequest for an unknown request."""
+        request = self._requests.get(request_id)
+        if request is None or request.status is not RequestStatus.TRANSFERRING:
+            raise InvalidRequest("request_id", f"request {request_id!r} is not reserved")
+        vocab = self.model.config.vocab_size
+        if not 0 <= first_token < vocab:
+            self.abort(request_id)
+            raise InvalidRequest("first_token", f"{first_token} is outside 0..{vocab - 1}")
+        self.scheduler.activate(request)
+        return self._append_token(request, first_token, time.monotonic())
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_blocks`` request kept; False if none are held."""
+        request = self._held.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.release_held(request)
+        return True
+
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its blocks; False when it is not (or no longer) here."""
+        """Drop a request (or its held blocks) and free its blocks; False when not here."""
+        if self.release_held(request_id):
+            return True
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
@@ -153,12 +228,12 @@ class LLMEngine:
         return True
 
     def request_ids(self) -> list[str]:
-        """Ids of the requests waiting or running."""
-        return list(self._requests)
+        """Ids of the requests waiting, running or transferring, and of held prefills."""
+        return [*self._requests, *self._held]
 
     def has_unfinished(self) -> bool:
-        """True while any request waits or runs."""
-        return bool(self._requests)
+        """True while any request waits or runs (transferring and held ones do not run)."""
+        return bool(self.scheduler.running or self.scheduler.waiting)
 
     def stats(self) -> EngineStats:
         """Counts for metrics."""
@@ -167,6 +242,12 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
             kv=self.pool.stats(),
+            num_transferring=len(self._requests)
+            - len(self.scheduler.running)
+            - len(self.scheduler.waiting),
+            num_held=len(self._held),
+            store_hit_tokens=self.scheduler.store_hit_tokens,
+            store=self.store.stats() if self.store is not None else None,
         )
 
     # ---- the step ----------------------------------------------------------------------------
@@ -176,7 +257,7 @@ class LLMEngine:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.items:
-            if self._requests and not self.scheduler.running:
+            if self.scheduler.waiting and not self.scheduler.running:
                 raise EngineError("scheduler made no progress with requests waiting")
             return []
         bs = self.config.block_size
@@ -265,10 +346,14 @@ class LLMEngine:
         ready = max(ready, request.num_sent_chars)
         delta = text[request.num_sent_chars : ready]
         request.num_sent_chars = ready
+        held: tuple[int, ...] = ()
         if reason is not None:
             request.finish_reason = reason
             self._requests.pop(request.request_id, None)
-            self.scheduler.finish(request)
+            self.scheduler.finish(request, hold=request.hold_blocks)
+            if request.hold_blocks:
+                self._held[request.request_id] = request
+                held = tuple(request.block_ids)
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=(token,),
@@ -278,6 +363,8 @@ class LLMEngine:
             prompt_tokens=len(request.prompt_token_ids),
             completion_tokens=len(request.output_token_ids),
             cached_tokens=request.num_cached_tokens,
+            store_cached_tokens=request.num_store_cached_tokens,
+            held_block_ids=held,
         )
 
     # ---- offline use -------------------------------------------------------------------------
@@ -301,6 +388,11 @@ class LLMEngine:
         else:
             raise EngineError(f"generate() did not finish within {max_steps} steps")
         return [results[rid] for rid in ids]
+
+    def close(self) -> None:
+        """Write queued store saves and stop the store writer."""
+        if self.store is not None:
+            self.store.close()
 
     def running_request(self, request_id: str) -> Request | None:
         """The live request, for tests and metrics; None once finished."""

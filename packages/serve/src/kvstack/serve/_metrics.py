@@ -114,7 +114,28 @@ class ServeMetrics:
         self.generation_tokens = Counter(
             "kvstack_serve_generation_tokens", "Generated tokens", labels, registry=r
         ).labels(model_name)
+        self._cached = Counter(
+            "kvstack_serve_cached_tokens",
+            "Prompt tokens not computed, by where their KV came from (local cache, store)",
+            ["model", "tier"],
+            registry=r,
+        )
+        self._store_bytes = Counter(
+            "kvstack_serve_store_bytes",
+            "KV bytes read from and written to the store (global prefix reuse)",
+            ["model", "direction"],
+            registry=r,
+        )
+        self._handoffs = Gauge(
+            "kvstack_serve_num_requests_transferring",
+            "Decode side: requests whose prompt KV a prefill worker is writing",
+            labels,
+            registry=r,
+        ).labels(model_name)
         self.model_name = model_name
+        self._seen_store_hits = 0
+        self._seen_hits_local = 0
+        self._seen_store_bytes = (0, 0)
         self._seen_queries = 0
         self._seen_hits = 0
         self._seen_preemptions = 0
@@ -145,8 +166,25 @@ class ServeMetrics:
         self._seen_queries = stats.kv.prefix_query_tokens
         self._seen_hits = stats.kv.prefix_hit_tokens
         self._seen_preemptions = stats.num_preemptions
+        self._handoffs.set(stats.num_transferring)
+        self._cached.labels(self.model_name, "local").inc(
+            stats.kv.prefix_hit_tokens - self._seen_hits_local
+        )
+        self._seen_hits_local = stats.kv.prefix_hit_tokens
+        self._cached.labels(self.model_name, "store").inc(
+            stats.store_hit_tokens - self._seen_store_hits
+        )
+        self._seen_store_hits = stats.store_hit_tokens
+        if stats.store is not None:
+            read, written = stats.store.bytes_read, stats.store.bytes_written
+            self._store_bytes.labels(self.model_name, "read").inc(read - self._seen_store_bytes[0])
+            self._store_bytes.labels(self.model_name, "written").inc(
+                written - self._seen_store_bytes[1]
+            )
+            self._seen_store_bytes = (read, written)
         if stats.kv.prefix_query_tokens:
-            self._hit_rate.set(stats.kv.prefix_hit_tokens / stats.kv.prefix_query_tokens)
+            hits = stats.kv.prefix_hit_tokens + stats.store_hit_tokens
+            self._hit_rate.set(hits / stats.kv.prefix_query_tokens)
 
     def render(self) -> bytes:
         """The text exposition format."""

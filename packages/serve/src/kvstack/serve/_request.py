@@ -18,6 +18,8 @@ class RequestStatus(enum.Enum):
 
     WAITING = "waiting"
     RUNNING = "running"
+    # Decode side of a PD handoff: blocks held, a prefill worker writing the prompt's KV.
+    TRANSFERRING = "transferring"
     FINISHED = "finished"
 
 
@@ -41,6 +43,9 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    store_cached_tokens: int = 0  # of cached_tokens, those read from the store
+    # Prefill side of a PD handoff: the finished request's blocks, held until released.
+    held_block_ids: tuple[int, ...] = ()
 
 
 class Request:
@@ -69,6 +74,8 @@ class Request:
         self.block_hashes: list[bytes] = []  # of the full blocks of all_token_ids, in order
         self.num_registered_blocks = 0  # leading blocks already in the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
+        self.num_store_cached_tokens = 0  # of which read from the store (first schedule)
+        self.hold_blocks = False  # keep the blocks after finishing (a prefill for a PD handoff)
         self.num_preemptions = 0
         self.arrival_s = time.monotonic()
         self.last_token_s: float | None = None

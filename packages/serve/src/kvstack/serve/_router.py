@@ -19,6 +19,13 @@ Failure handling, in order:
 - Every request has a deadline (``request_timeout_s``), first byte and stream alike.
 - ``x-kvstack-trace-id`` (the client's, or a new one) goes to the worker and back to the client,
   with ``x-kvstack-worker`` naming the worker that answered.
+
+PD mode (``prefill_workers`` and ``decode_workers``): the policy picks the prefill worker (where
+prefix caches live), the least-loaded decode worker gets the request with the prefill worker's
+URL in ``x-kvstack-prefill``, and runs the handoff (``_disagg.py``) before its first byte. A
+``kv_handoff_failed`` answer counts against the prefill worker; the pair is retried like any
+failure before the first byte. The decode worker's ``x-kvstack-timings`` feed the per-phase
+histograms.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kvstack.serve._disagg import PREFILL_HEADER, TIMINGS_HEADER, HandoffTimings
 from kvstack.serve._policy import (
     CacheAwarePolicy,
     PolicyName,
@@ -76,9 +84,33 @@ WORKER_HEADER = "x-kvstack-worker"
 # Statuses that mean "this worker cannot serve now", not "this request is bad": retried elsewhere.
 # 504 is not among them: the worker's own deadline ran out, and another worker would take as long.
 _RETRYABLE_STATUSES = frozenset({500, 502, 503})
+_HANDOFF_FAILED = "kv_handoff_failed"  # the error code of a decode worker's failed handoff
 # Response headers relayed from the worker; hop-by-hop ones are the router's own business.
-_RELAYED_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control")
+_RELAYED_HEADERS = (
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "cache-control",
+    TIMINGS_HEADER,
+)
 _ROUTING_BUCKETS_S = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+_PHASE_BUCKETS_S = (
+    1e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+_BYTES_BUCKETS = tuple(float(4**k * 4096) for k in range(12))  # 4 KiB .. 16 GiB
 _REQUEST_BUCKETS_S = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -91,7 +123,7 @@ def _check_positive(field: str, value: float) -> None:
 class RouterConfig:
     """The router: its workers, policy, retries, breaker, health checks and deadlines (seconds)."""
 
-    workers: tuple[str, ...]
+    workers: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
     policy: str = PolicyName.CACHE_AWARE.value
@@ -110,15 +142,34 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     seed: int | None = None
+    # PD mode: both lists non-empty (``workers`` then stays empty).
+    prefill_workers: tuple[str, ...] = ()
+    decode_workers: tuple[str, ...] = ()
+
+    @property
+    def pd(self) -> bool:
+        """True in prefill/decode mode."""
+        return bool(self.prefill_workers)
+
+    @property
+    def all_workers(self) -> tuple[str, ...]:
+        """Every worker URL, colocated or prefill then decode."""
+        return (*self.workers, *self.prefill_workers, *self.decode_workers)
 
     def __post_init__(self) -> None:
-        if not self.workers:
+        if bool(self.prefill_workers) != bool(self.decode_workers):
+            raise ConfigError(
+                "prefill_workers", self.prefill_workers, "PD mode needs prefill and decode workers"
+            )
+        if self.pd and self.workers:
+            raise ConfigError("workers", self.workers, "PD mode takes no colocated workers")
+        if not self.all_workers:
             raise ConfigError("workers", self.workers, "needs at least one worker URL")
-        for url in self.workers:
+        for url in self.all_workers:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise ConfigError("workers", url, "each worker must be an http(s):// URL")
-        if len(set(self.workers)) != len(self.workers):
-            raise ConfigError("workers", self.workers, "lists a worker twice")
+        if len(set(self.all_workers)) != len(self.all_workers):
+            raise ConfigError("workers", self.all_workers, "lists a worker twice")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError("port", self.port, "must be in 0..65535 (0 picks a free port)")
         if self.policy not in {p.value for p in PolicyName}:
@@ -267,6 +318,21 @@ class RouterMetrics:
             buckets=_REQUEST_BUCKETS_S,
             registry=r,
         )
+        self.phase = Histogram(
+            "kvstack_router_phase_seconds",
+            "Per-request phases: queue (router arrival to dispatch), alloc_wait, handshake, "
+            "prefill, kv_transfer (PD handoff, from the decode worker), first_token (arrival to "
+            "the first byte), decode (first byte to the last)",
+            ["phase"],
+            buckets=_PHASE_BUCKETS_S,
+            registry=r,
+        )
+        self.kv_transfer_bytes = Histogram(
+            "kvstack_router_kv_transfer_bytes",
+            "KV bytes pushed from the prefill to the decode worker per request",
+            buckets=_BYTES_BUCKETS,
+            registry=r,
+        )
         for url in workers:
             self.breaker_state.labels(url).set(0)
             self.in_flight.labels(url).set(0)
@@ -281,6 +347,8 @@ class _Upstream:
     response: httpx2.Response
     chunks: AsyncIterator[bytes]
     first: bytes
+    prefill: _Worker | None = None  # PD mode: the prefill worker of the pair
+    first_byte_s: float = 0.0  # perf_counter when the first body chunk was in hand
 
 
 def _error_response(exc: ServeError, trace_id: str) -> JSONResponse:
@@ -314,8 +382,13 @@ class Router:
                     cooldown_s=config.breaker_cooldown_s,
                 ),
             )
-            for i, url in enumerate(config.workers)
+            for i, url in enumerate(config.all_workers)
         ]
+        # Colocated mode: every worker takes requests. PD mode: the policy picks among the
+        # prefill workers, and decode workers are picked by load.
+        decode_urls = set(config.decode_workers)
+        self.entry_workers = [w for w in self.workers if w.url not in decode_urls]
+        self.decode_workers = [w for w in self.workers if w.url in decode_urls]
         self.policy: RoutingPolicy = make_policy(
             config.policy,
             cache_threshold=config.cache_threshold,
@@ -420,22 +493,37 @@ class Router:
             await asyncio.gather(*(self._probe(w) for w in self.workers))
             await asyncio.sleep(self.config.health_check_interval_s)
 
-    def _pick(self, key: list[int], tried: set[str]) -> _Worker:
-        """A worker for the next attempt, preferring ones this request has not tried yet."""
+    def _pick(self, key: list[int], tried: set[str]) -> tuple[_Worker, _Worker | None]:
+        """``(worker, None)``, or ``(decode, prefill)`` in PD mode, for the next attempt,
+        preferring workers this request has not tried yet."""
         started = time.perf_counter()
         now = time.monotonic()
-        available = [w for w in self.workers if w.breaker.available(now)]
+        available = [w for w in self.entry_workers if w.breaker.available(now)]
         if not available:
-            raise NoWorkerAvailable(len(self.workers), "every circuit breaker is open")
+            role = "prefill " if self.config.pd else ""
+            raise NoWorkerAvailable(
+                len(self.entry_workers), f"every {role}worker's circuit breaker is open"
+            )
         fresh = [w for w in available if w.url not in tried] or available
         loads = [WorkerLoad(w.url, w.in_flight, w.index) for w in fresh]
         chosen = self.workers[self.policy.select(loads, key).index]
         if isinstance(self.policy, CacheAwarePolicy):
             self.metrics.decisions.labels(self.policy.last_outcome).inc()
+        prefill: _Worker | None = None
+        if self.config.pd:
+            decoders = [w for w in self.decode_workers if w.breaker.available(now)]
+            if not decoders:
+                raise NoWorkerAvailable(
+                    len(self.decode_workers), "every decode worker's circuit breaker is open"
+                )
+            fresh = [w for w in decoders if w.url not in tried] or decoders
+            prefill, chosen = chosen, min(fresh, key=lambda w: (w.in_flight, w.index))
+            prefill.breaker.on_dispatch()
+            self._set_breaker_gauge(prefill)
         chosen.breaker.on_dispatch()
         self._set_breaker_gauge(chosen)
         self.metrics.routing.observe(time.perf_counter() - started)
-        return chosen
+        return chosen, prefill
 
     def _backoff_s(self, attempt: int) -> float:
         return min(
@@ -457,8 +545,12 @@ class Router:
             raise UpstreamError(worker.url, f"{type(exc).__name__}: {exc}") from exc
         try:
             if response.status_code in _RETRYABLE_STATUSES:
-                detail = (await response.aread())[:200].decode(errors="replace")
-                raise UpstreamError(worker.url, f"HTTP {response.status_code}: {detail}")
+                raw = await response.aread()
+                code = ""
+                with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                    code = f" {json.loads(raw)['error']['code']}"
+                detail = raw[:300].decode(errors="replace")
+                raise UpstreamError(worker.url, f"HTTP {response.status_code}{code}: {detail}")
             chunks = response.aiter_raw()
             first = await anext(chunks, b"")
         except httpx2.HTTPError as exc:
@@ -483,6 +575,7 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         tried: set[str] = set()
+        dispatched = started
         upstream: _Upstream | None = None
         error: ServeError | None = None
         try:
@@ -491,33 +584,47 @@ class Router:
                     if attempt:
                         await asyncio.sleep(self._backoff_s(attempt))
                     try:
-                        worker = self._pick(key, tried)
+                        picked = self._pick(key, tried)
                     except NoWorkerAvailable as exc:
                         if error is not None:  # keep the failure that opened the last breaker
                             exc = NoWorkerAvailable(exc.num_workers, f"{exc.reason}; {error}")
                         error = exc
                         break
+                    worker, prefill = picked
+                    attempt_headers = headers
                     tried.add(worker.url)
-                    worker.in_flight += 1
-                    self.metrics.in_flight.labels(worker.url).set(worker.in_flight)
+                    if prefill is not None:
+                        tried.add(prefill.url)
+                        attempt_headers = {**headers, PREFILL_HEADER: prefill.url}
+                    self._hold(worker, prefill)
+                    dispatched = time.perf_counter()
                     try:
-                        upstream = await self._open(worker, method, path, body, headers)
+                        upstream = await self._open(worker, method, path, body, attempt_headers)
                     except UpstreamError as exc:
-                        self._release(worker)
-                        self._fail(worker, exc.reason)
+                        self._release(worker, prefill)
+                        # A failed handoff is the prefill worker's failure (its death, its 5xx).
+                        blamed = (
+                            prefill
+                            if prefill is not None and _HANDOFF_FAILED in exc.reason
+                            else worker
+                        )
+                        self._fail(blamed, exc.reason)
                         error = exc
                         if attempt < self.config.max_retries:
-                            self.metrics.retries.labels(worker.url).inc()
+                            self.metrics.retries.labels(blamed.url).inc()
                             logger.info("trace %s: %s; retrying", trace_id, exc)
                         continue
                     except BaseException:
-                        self._release(worker)
+                        self._release(worker, prefill)
                         raise
+                    upstream.prefill = prefill
+                    if prefill is not None:
+                        self._succeed(prefill)
                     break
         except TimeoutError:
             if upstream is not None:  # the deadline fired just as the worker answered
                 await upstream.response.aclose()
-                self._release(upstream.worker)
+                self._release(upstream.worker, upstream.prefill)
                 upstream = None
             error = RequestTimeout(trace_id, self.config.request_timeout_s)
         if upstream is None:
@@ -528,13 +635,37 @@ class Router:
             self.metrics.duration.observe(time.perf_counter() - started)
             return response
         self._succeed(upstream.worker)
+        self._observe_phases(upstream, started, dispatched)
         if upstream.response.headers.get("content-type", "").startswith("text/event-stream"):
             return self._relay(upstream, trace_id, deadline, started)
         return await self._whole(upstream, trace_id, deadline, started)
 
-    def _release(self, worker: _Worker) -> None:
-        worker.in_flight -= 1
-        self.metrics.in_flight.labels(worker.url).set(worker.in_flight)
+    def _hold(self, worker: _Worker, prefill: _Worker | None) -> None:
+        for w in (worker, prefill):
+            if w is not None:
+                w.in_flight += 1
+                self.metrics.in_flight.labels(w.url).set(w.in_flight)
+
+    def _release(self, worker: _Worker, prefill: _Worker | None = None) -> None:
+        for w in (worker, prefill):
+            if w is not None:
+                w.in_flight -= 1
+                self.metrics.in_flight.labels(w.url).set(w.in_flight)
+
+    def _observe_phases(self, upstream: _Upstream, started: float, dispatched: float) -> None:
+        phase = self.metrics.phase
+        now = time.perf_counter()
+        upstream.first_byte_s = now
+        phase.labels("queue").observe(dispatched - started)
+        phase.labels("first_token").observe(now - started)
+        text = upstream.response.headers.get(TIMINGS_HEADER)
+        timings = HandoffTimings.parse(text) if text else None
+        if timings is not None:
+            phase.labels("alloc_wait").observe(timings.alloc_wait_s)
+            phase.labels("handshake").observe(timings.handshake_s)
+            phase.labels("prefill").observe(timings.prefill_s)
+            phase.labels("kv_transfer").observe(timings.transfer_s)
+            self.metrics.kv_transfer_bytes.observe(timings.transfer_bytes)
 
     def _headers(self, upstream: _Upstream, trace_id: str) -> dict[str, str]:
         headers = upstream.response.headers
@@ -562,8 +693,9 @@ class Router:
             error = RequestTimeout(trace_id, self.config.request_timeout_s)
         finally:
             await response.aclose()
-            self._release(worker)
+            self._release(worker, upstream.prefill)
         self.metrics.duration.observe(time.perf_counter() - started)
+        self.metrics.phase.labels("decode").observe(time.perf_counter() - upstream.first_byte_s)
         if error is not None:
             # Nothing reached the client yet, but the worker did run the request: answer the
             # error rather than run it twice (a retry here would double the worker's load).
@@ -607,8 +739,10 @@ class Router:
                 self.metrics.requests.labels(worker.url, str(status)).inc()
             finally:
                 await response.aclose()
-                self._release(worker)
-                self.metrics.duration.observe(time.perf_counter() - started)
+                self._release(worker, upstream.prefill)
+                now = time.perf_counter()
+                self.metrics.duration.observe(now - started)
+                self.metrics.phase.labels("decode").observe(now - upstream.first_byte_s)
 
         return StreamingResponse(
             relay(), status_code=status, headers=self._headers(upstream, trace_id)
@@ -633,10 +767,13 @@ class Router:
                 "breaker": w.breaker.state.value,
                 "available": w.breaker.available(now),
                 "in_flight": w.in_flight,
+                "role": _role(self.config, w.url),
             }
             for w in self.workers
         ]
-        ok = any(w["available"] for w in workers)
+        ok = any(w["available"] for w in workers if w["role"] != "decode") and (
+            not self.config.pd or any(w["available"] for w in workers if w["role"] == "decode")
+        )
         body: dict[str, Any] = {
             "status": "ok" if ok else "no worker available",
             "policy": self.policy.name,
@@ -646,6 +783,14 @@ class Router:
 
     async def _metrics(self, _request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _role(config: RouterConfig, url: str) -> str:
+    if url.rstrip("/") in {u.rstrip("/") for u in config.prefill_workers}:
+        return "prefill"
+    if url.rstrip("/") in {u.rstrip("/") for u in config.decode_workers}:
+        return "decode"
+    return "colocated"
 
 
 async def run_router(
@@ -662,7 +807,13 @@ async def run_router(
 
     async def announce() -> None:
         # Runs at lifespan startup with the pool open, just before uvicorn accepts on the socket.
-        logger.info("routing at %s over %d workers (%s)", url, len(config.workers), config.policy)
+        logger.info(
+            "routing at %s over %d workers (%s%s)",
+            url,
+            len(config.all_workers),
+            config.policy,
+            ", PD" if config.pd else "",
+        )
         if on_ready is not None:
             result = on_ready(url)
             if result is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kvstack.serve._kv_cache import BlockPool, chain_hashes
 from kvstack.serve._request import Request, RequestStatus
+from kvstack.serve._store_cache import StorePrefixCache
 
 __all__ = ["ScheduledBatch", "Scheduler"]
 
@@ -46,6 +47,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         enable_prefix_caching: bool,
+        store: StorePrefixCache | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
@@ -53,6 +55,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_prefix_caching = enable_prefix_caching
+        self.store = store if enable_prefix_caching else None
+        self.store_hit_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -64,14 +68,35 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def finish(self, request: Request) -> None:
-        """Remove a request (finished or aborted) and release its blocks."""
+    def finish(self, request: Request, *, hold: bool = False) -> None:
+        """Remove a request (finished or aborted) and release its blocks, unless ``hold``."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
+        if not hold:
+            self._release(request)
+
+    def release_held(self, request: Request) -> None:
+        """Release the blocks of a finished request that ``finish(hold=True)`` kept."""
         self._release(request)
+
+    def reserve(self, request: Request) -> bool:
+        """Hold fresh blocks for the whole prompt (a PD handoff writes them); False when short."""
+        needed = -(-len(request.prompt_token_ids) // self.block_size)
+        if needed > self.pool.num_free:
+            return False
+        request.block_ids = self.pool.allocate(needed)
+        request.status = RequestStatus.TRANSFERRING
+        return True
+
+    def activate(self, request: Request) -> None:
+        """A reserved request whose prompt KV has landed: it decodes from here."""
+        request.num_computed_tokens = len(request.prompt_token_ids)
+        self.commit(request, save=False)  # the prefill worker saved them to the store already
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def _release(self, request: Request) -> None:
         self.pool.release(request.block_ids)
@@ -116,17 +141,32 @@ class Scheduler:
             blocks.append(block)
         return blocks
 
-    def commit(self, request: Request) -> None:
-        """Register the request's newly completed full blocks in the prefix cache."""
+    def commit(self, request: Request, *, save: bool = True) -> None:
+        """Register the request's newly completed full blocks in the prefix cache (and, with
+        ``save``, write them back to the store)."""
         if not self.enable_prefix_caching:
             return
         full = request.num_computed_tokens // self.block_size
-        if full <= request.num_registered_blocks:
+        first = request.num_registered_blocks
+        if full <= first:
             return
         self._update_hashes(request)
-        for index in range(request.num_registered_blocks, full):
+        for index in range(first, full):
             self.pool.register(request.block_ids[index], request.block_hashes[index])
         request.num_registered_blocks = full
+        if save and self.store is not None:
+            self.store.save(request.block_hashes[first:full], request.block_ids[first:full])
+
+    def _load_from_store(self, request: Request, num_local: int, num_found: int) -> int:
+        """Read the store's blocks after the local prefix into the request's new blocks."""
+        assert self.store is not None
+        end = num_local + num_found
+        digests = request.block_hashes[num_local:end]
+        blocks = request.block_ids[num_local:end]
+        loaded = self.store.load(digests, blocks)
+        for digest, block in zip(digests[:loaded], blocks[:loaded], strict=True):
+            self.pool.register(block, digest)
+        return loaded
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -174,18 +214,29 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             cached = self._cached_prefix(request)
+            # Blocks past the local prefix that another instance computed: read, not recomputed.
+            in_store = 0
+            if self.store is not None:
+                limit = (request.num_tokens - 1) // self.block_size
+                in_store = self.store.lookup(request.block_hashes[len(cached) : limit])
             first_schedule = request.num_preemptions == 0
-            request.num_computed_tokens = len(cached) * self.block_size
+            request.num_computed_tokens = (len(cached) + in_store) * self.block_size
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._try_allocate(request, num_new, cached):
                 request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
-            request.num_registered_blocks = len(cached)
+            loaded = self._load_from_store(request, len(cached), in_store) if in_store else 0
+            # A block that vanished between lookup and read is computed instead: fewer tokens
+            # this step, in blocks already allocated.
+            request.num_computed_tokens = (len(cached) + loaded) * self.block_size
+            request.num_registered_blocks = len(cached) + loaded
             if first_schedule:
                 request.num_cached_tokens = request.num_computed_tokens
+                request.num_store_cached_tokens = loaded * self.block_size
                 self.pool.prefix_query_tokens += len(request.prompt_token_ids)
-                self.pool.prefix_hit_tokens += request.num_computed_tokens
+                self.pool.prefix_hit_tokens += len(cached) * self.block_size
+                self.store_hit_tokens += loaded * self.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             items.append((request, num_new))

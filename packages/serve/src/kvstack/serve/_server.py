@@ -27,7 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvstack.serve._async_engine import AsyncEngine
 from kvstack.serve._config import EngineConfig, ServerConfig
-from kvstack.serve._engine import LLMEngine
+from kvstack.serve._disagg import (
+    PREFILL_HEADER,
+    TIMINGS_HEADER,
+    DecodeHandoff,
+    HandoffTimings,
+    KVSpace,
+    PrefillService,
+    WorkerMode,
+)
+from kvstack.serve._engine import LLMEngine, kv_cache_size
 from kvstack.serve._loader import LoadedModel
 from kvstack.serve._metrics import ServeMetrics
 from kvstack.serve._protocol import ChatCompletionRequest, CompletionRequest, error_body
@@ -35,13 +44,17 @@ from kvstack.serve._request import RequestOutput
 from kvstack.serve._sampling import SamplingParams
 from kvstack.serve.errors import (
     EngineStopped,
+    HandoffError,
     InvalidRequest,
+    KVLayoutMismatch,
     RequestTimeout,
     ServeError,
     UnknownModel,
 )
+from kvstack.store import ClientConfig, StoreClient
+from kvstack.transfer import EngineConfig as EngineConfigT
 
-__all__ = ["ServerState", "bind_socket", "create_app", "run_server"]
+__all__ = ["ServerState", "bind_socket", "build_state", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +81,10 @@ def _error_for(exc: ServeError) -> JSONResponse:
         return _error(504, str(exc), kind="server_error", code="timeout")
     if isinstance(exc, EngineStopped):
         return _error(503, str(exc), kind="server_error", code="engine_stopped")
+    if isinstance(exc, KVLayoutMismatch):
+        return _error(409, str(exc), kind="invalid_request_error", code="kv_layout_mismatch")
+    if isinstance(exc, HandoffError):
+        return _error(502, str(exc), kind="server_error", code="kv_handoff_failed")
     return _error(500, str(exc), kind="server_error")
 
 
@@ -82,8 +99,14 @@ class ServerState:
         *,
         served_model_name: str,
         request_timeout_s: float,
+        mode: WorkerMode = WorkerMode.COLOCATED,
+        prefill: PrefillService | None = None,
+        handoff: DecodeHandoff | None = None,
     ) -> None:
         self.loaded = loaded
+        self.mode = mode
+        self.prefill = prefill
+        self.handoff = handoff
         self.engine = engine
         self.metrics = metrics
         self.model_name = served_model_name
@@ -106,6 +129,20 @@ class ServerState:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.tokenize_pool, self.loaded.tokenizer.encode, text)
 
+    async def remote_prefill(
+        self, request: Request, request_id: str, ids: list[int], params: SamplingParams
+    ) -> tuple[int | None, HandoffTimings | None]:
+        """Decode mode: the first token and timings of the handoff the router asked for."""
+        if self.handoff is None:
+            return None, None
+        prefill_url = request.headers.get(PREFILL_HEADER)
+        if not prefill_url:
+            raise InvalidRequest(
+                None, f"a decode worker needs the {PREFILL_HEADER} header (use the router)"
+            )
+        trace_id = request.headers.get("x-kvstack-trace-id", request_id)
+        return await self.handoff.prefill(prefill_url, request_id, ids, params, trace_id=trace_id)
+
 
 async def _parse(request: Request, model_type: type[pydantic.BaseModel]) -> Any:
     raw = await request.body()
@@ -123,13 +160,20 @@ async def _parse(request: Request, model_type: type[pydantic.BaseModel]) -> Any:
         raise InvalidRequest(param, f"{first['msg']} (got {first.get('input')!r:.80})") from exc
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
+def _usage(out: RequestOutput, timings: HandoffTimings | None) -> dict[str, Any]:
+    # After a handoff the prefill worker's cache hits are the ones that count.
+    cached = out.cached_tokens if timings is None else timings.cached_tokens
+    from_store = out.store_cached_tokens if timings is None else timings.store_cached_tokens
     return {
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.completion_tokens,
         "total_tokens": out.prompt_tokens + out.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": cached, "store_cached_tokens": from_store},
     }
+
+
+def _timing_headers(timings: HandoffTimings | None) -> dict[str, str]:
+    return {TIMINGS_HEADER: timings.header()} if timings is not None else {}
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -150,15 +194,20 @@ async def _collect_unless_disconnected(
     request_id: str,
     ids: list[int],
     params: SamplingParams,
+    *,
+    first_token: int | None,
 ) -> tuple[str, RequestOutput] | None:
     """The whole output, or None when the client left first (the request is then aborted)."""
-    collect = asyncio.create_task(_collect(state, request_id, ids, params))
+    collect = asyncio.create_task(_collect(state, request_id, ids, params, first_token))
     watch = asyncio.create_task(_wait_for_disconnect(request))
     try:
         await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         collect.cancel()
         watch.cancel()
+        # A task cancelled before it ran never reached generate(): a handed-off request would
+        # keep its reserved blocks. Aborting is idempotent.
+        state.engine.abort(request_id)
         raise
     watch.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -174,13 +223,18 @@ async def _collect_unless_disconnected(
 
 
 async def _collect(
-    state: ServerState, request_id: str, ids: list[int], params: SamplingParams
+    state: ServerState,
+    request_id: str,
+    ids: list[int],
+    params: SamplingParams,
+    first_token: int | None,
 ) -> tuple[str, RequestOutput]:
     text = []
     last: RequestOutput | None = None
     try:
         async with asyncio.timeout(state.request_timeout_s):
-            async for out in state.engine.generate(request_id, ids, params):
+            generated = state.engine.generate(request_id, ids, params, first_token=first_token)
+            async for out in generated:
                 text.append(out.text)
                 last = out
     except TimeoutError as exc:
@@ -224,6 +278,9 @@ def create_app(
             "kv_blocks_total": stats.kv.num_blocks,
             "kv_blocks_free": stats.kv.num_free_blocks,
             "kv_blocks_cached": stats.kv.num_cached_blocks,
+            "mode": state.mode.value,
+            "num_requests_transferring": stats.num_transferring,
+            "num_prefills_held": stats.num_held,
         }
         return JSONResponse(body, status_code=200 if state.engine.alive else 503)
 
@@ -242,8 +299,31 @@ def create_app(
             # kvstack extensions, read by benchmark clients
             "vocab_size": state.engine.engine.model.config.vocab_size,
             "gpu": state.gpu_name,
+            "mode": state.mode.value,
         }
         return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/kv/prefill")
+    async def kv_prefill(request: Request) -> JSONResponse:
+        # Internal: a decode worker's handshake (see _disagg.py).
+        if state.prefill is None:
+            raise InvalidRequest(None, f"this worker runs in {state.mode.value} mode, not prefill")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(None, f"handshake is not valid JSON: {exc}") from exc
+        return JSONResponse(await state.prefill.handle(body))
+
+    @app.post("/kv/abort")
+    async def kv_abort(request: Request) -> JSONResponse:
+        # Internal: a decode worker gave up; answers once no byte of the handoff can land.
+        if state.prefill is None:
+            raise InvalidRequest(None, f"this worker runs in {state.mode.value} mode, not prefill")
+        try:
+            request_id = json.loads(await request.body())["request_id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest("request_id", 'expected {"request_id": ...}') from exc
+        return JSONResponse({"aborted": await state.prefill.abort(str(request_id))})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -254,6 +334,7 @@ def create_app(
         ids = await state.encode(prompt) if isinstance(prompt, str) else list(prompt)
         state.engine.validate(ids, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        first_token, timings = await state.remote_prefill(request, request_id, ids, params)
         base = {
             "id": request_id,
             "object": "text_completion",
@@ -261,7 +342,9 @@ def create_app(
             "model": state.model_name,
         }
         if not body.stream:
-            collected = await _collect_unless_disconnected(request, state, request_id, ids, params)
+            collected = await _collect_unless_disconnected(
+                request, state, request_id, ids, params, first_token=first_token
+            )
             if collected is None:
                 return Response(status_code=499)  # nobody reads it; nginx's "client closed"
             text, last = collected
@@ -271,7 +354,10 @@ def create_app(
                 "logprobs": None,
                 "finish_reason": str(last.finish_reason),
             }
-            return JSONResponse({**base, "choices": [choice], "usage": _usage(last)})
+            return JSONResponse(
+                {**base, "choices": [choice], "usage": _usage(last, timings)},
+                headers=_timing_headers(timings),
+            )
 
         def chunk(out: RequestOutput) -> dict[str, Any]:
             reason = str(out.finish_reason) if out.finished else None
@@ -283,7 +369,13 @@ def create_app(
             }
 
         return _stream_response(
-            state, request_id, ids, params, chunk=chunk, base=base, include_usage=body.include_usage
+            state,
+            request_id,
+            await _outputs(state, request_id, ids, params, first_token),
+            chunk=chunk,
+            base=base,
+            include_usage=body.include_usage,
+            timings=timings,
         )
 
     @app.post("/v1/chat/completions")
@@ -295,6 +387,7 @@ def create_app(
         ids = await state.encode(prompt)
         state.engine.validate(ids, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        first_token, timings = await state.remote_prefill(request, request_id, ids, params)
         base = {
             "id": request_id,
             "object": "chat.completion",
@@ -302,7 +395,9 @@ def create_app(
             "model": state.model_name,
         }
         if not body.stream:
-            collected = await _collect_unless_disconnected(request, state, request_id, ids, params)
+            collected = await _collect_unless_disconnected(
+                request, state, request_id, ids, params, first_token=first_token
+            )
             if collected is None:
                 return Response(status_code=499)  # nobody reads it; nginx's "client closed"
             text, last = collected
@@ -312,7 +407,10 @@ def create_app(
                 "logprobs": None,
                 "finish_reason": str(last.finish_reason),
             }
-            return JSONResponse({**base, "choices": [choice], "usage": _usage(last)})
+            return JSONResponse(
+                {**base, "choices": [choice], "usage": _usage(last, timings)},
+                headers=_timing_headers(timings),
+            )
         chunk_base = {**base, "object": "chat.completion.chunk"}
         first = True
 
@@ -333,25 +431,53 @@ def create_app(
         return _stream_response(
             state,
             request_id,
-            ids,
-            params,
+            await _outputs(state, request_id, ids, params, first_token),
             chunk=chunk,
             base=chunk_base,
             include_usage=body.include_usage,
+            timings=timings,
         )
 
     return app
 
 
-def _stream_response(
+async def _outputs(
     state: ServerState,
     request_id: str,
     ids: list[int],
     params: SamplingParams,
+    first_token: int | None,
+) -> AsyncGenerator[RequestOutput]:
+    """The request's outputs; after a handoff, already activated (its first output in hand).
+
+    Activating before the response starts means a response that never streams still ends the
+    request: the started generator is closed when collected, and closing it aborts.
+    """
+    generated = state.engine.generate(request_id, ids, params, first_token=first_token)
+    if first_token is None:
+        return generated
+    first = await anext(generated)
+
+    async def chained() -> AsyncGenerator[RequestOutput]:
+        try:
+            yield first
+            async for out in generated:
+                yield out
+        finally:
+            await generated.aclose()
+
+    return chained()
+
+
+def _stream_response(
+    state: ServerState,
+    request_id: str,
+    outputs: AsyncGenerator[RequestOutput],
     *,
     chunk: Callable[[RequestOutput], dict[str, Any]],
     base: dict[str, Any],
     include_usage: bool,
+    timings: HandoffTimings | None,
 ) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         # A client that disconnects cancels this generator; generate() then aborts the request
@@ -359,7 +485,7 @@ def _stream_response(
         last: RequestOutput | None = None
         try:
             async with asyncio.timeout(state.request_timeout_s):
-                async for out in state.engine.generate(request_id, ids, params):
+                async for out in outputs:
                     last = out
                     if out.text or out.finished:
                         yield _sse(chunk(out))
@@ -371,12 +497,11 @@ def _stream_response(
             yield _sse(error_body(str(exc), kind="server_error", param=None, code=None))
             return
         if include_usage and last is not None:
-            yield _sse({**base, "choices": [], "usage": _usage(last)})
+            yield _sse({**base, "choices": [], "usage": _usage(last, timings)})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    headers = {"Cache-Control": "no-cache", **_timing_headers(timings)}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -404,16 +529,71 @@ async def run_server(
     sock = bind_socket(server_config.host, server_config.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    with contextlib.ExitStack() as resources:
+        state = build_state(loaded, engine_config, server_config, resources)
+        await _serve(state, sock, url, on_ready)
+
+
+def build_state(
+    loaded: LoadedModel,
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    resources: contextlib.ExitStack,
+) -> ServerState:
+    """The engine and, by mode, its KV memory, store client and handoff side; ``resources``
+    closes them (the caller starts the engine thread)."""
     name = server_config.served_model_name or loaded.name
     metrics = ServeMetrics(name)
-    engine = AsyncEngine(LLMEngine(loaded, engine_config), metrics=metrics)
-    state = ServerState(
+    mode = WorkerMode(server_config.mode)
+    space: KVSpace | None = None
+    if mode is not WorkerMode.COLOCATED:
+        num_blocks, block_nbytes = kv_cache_size(loaded, engine_config)
+        metadata_url = server_config.transfer_metadata_url or EngineConfigT().metadata_url
+        space = KVSpace.create(
+            metadata_url,
+            nbytes=num_blocks * block_nbytes,
+            device=torch.device(engine_config.device),
+        )
+        resources.callback(space.close)
+    store: StoreClient | None = None
+    if server_config.store_master is not None:
+        store = StoreClient(ClientConfig(master=server_config.store_master))
+        resources.callback(store.close)
+    llm = LLMEngine(loaded, engine_config, kv_memory=space.memory if space else None, store=store)
+    resources.callback(llm.close)
+    engine = AsyncEngine(llm, metrics=metrics)
+    resources.callback(engine.close)
+    prefill = handoff = None
+    if space is not None and mode is WorkerMode.PREFILL:
+        prefill = PrefillService(engine, space, push_timeout_s=server_config.push_timeout_s)
+        resources.callback(prefill.close)
+    elif space is not None:
+        handoff = DecodeHandoff(
+            engine,
+            space,
+            timeout_s=server_config.handoff_timeout_s,
+            push_timeout_s=server_config.push_timeout_s,
+        )
+    return ServerState(
         loaded,
         engine,
         metrics,
         served_model_name=name,
         request_timeout_s=server_config.request_timeout_s,
+        mode=mode,
+        prefill=prefill,
+        handoff=handoff,
     )
+
+
+async def _serve(
+    state: ServerState,
+    sock: socket.socket,
+    url: str,
+    on_ready: Callable[[str], Awaitable[None] | None] | None,
+) -> None:
+    name = state.model_name
+    engine = state.engine
 
     async def announce() -> None:
         # Runs at lifespan startup, just before uvicorn accepts on the socket; it already
@@ -431,6 +611,8 @@ async def run_server(
     try:
         await server.serve(sockets=[sock])
     finally:
+        if state.handoff is not None:
+            await state.handoff.close()
         engine.close()
         state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         sock.close()

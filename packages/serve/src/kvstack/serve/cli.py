@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -32,6 +33,8 @@ from kvstack.serve._policy import PolicyName
 from kvstack.serve._router import RouterConfig, run_router
 from kvstack.serve._server import run_server
 from kvstack.serve.errors import BenchError, ConfigError, ServeError
+from kvstack.store import MasterConfig, NodeConfig, StoreNode, run_master_in_thread
+from kvstack.transfer import MetadataServer
 
 __all__ = ["main"]
 
@@ -104,14 +107,59 @@ def _add_up_arguments(parser: argparse.ArgumentParser) -> None:
         default=600.0,
         help="per-request deadline in s (default: 600)",
     )
-    parser.add_argument(
+    pd = parser.add_argument_group("disaggregation and global prefix reuse")
+    pd.add_argument(
+        "--mode",
+        default="colocated",
+        choices=["colocated", "prefill", "decode"],
+        help="this worker's role: everything, prefills for decode workers, or decodes whose "
+        "prompt KV a prefill worker pushes (default: colocated)",
+    )
+    pd.add_argument(
+        "--transfer-metadata",
+        default=None,
+        metavar="URL",
+        help="transfer metadata service of the KV handoff (default: KVSTACK_TRANSFER_METADATA)",
+    )
+    pd.add_argument(
+        "--store",
+        default=None,
+        metavar="HOST:PORT",
+        help="a kvstack-store master: share full KV blocks with every other instance",
+    )
+    pd.add_argument(
+        "--handoff-timeout",
+        type=float,
+        default=60.0,
+        help="decode side: reserve + remote prefill + KV push deadline in s (default: 60)",
+    )
+    cluster = parser.add_argument_group(
+        "local cluster (with --workers N > 1, or --prefill N --decode M)"
+    )
+    cluster.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="N > 1 starts N worker processes on free ports and a router on --host/--port in "
+        help="N > 1 starts N colocated workers on free ports and a router on --host/--port in "
         "front of them, with the router options below (default: 1, no router)",
     )
-    _add_router_arguments(parser.add_argument_group("router (with --workers N > 1)"))
+    cluster.add_argument(
+        "--prefill", type=int, default=0, metavar="N", help="start N prefill workers (PD mode)"
+    )
+    cluster.add_argument(
+        "--decode", type=int, default=0, metavar="M", help="start M decode workers (PD mode)"
+    )
+    cluster.add_argument(
+        "--no-store",
+        action="store_true",
+        help="do not start the embedded store (no global prefix reuse)",
+    )
+    cluster.add_argument(
+        "--store-memory",
+        default="1GiB",
+        help="memory the embedded store node contributes (default: 1GiB)",
+    )
+    _add_router_arguments(parser.add_argument_group("router (local cluster)"))
 
 
 def _add_router_arguments(parser: argparse._ActionsContainer) -> None:
@@ -176,10 +224,18 @@ def _add_router_arguments(parser: argparse._ActionsContainer) -> None:
 
 
 def _router_config(
-    args: argparse.Namespace, workers: Sequence[str], *, host: str, port: int
+    args: argparse.Namespace,
+    workers: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    prefill: Sequence[str] = (),
+    decode: Sequence[str] = (),
 ) -> RouterConfig:
     return RouterConfig(
         workers=tuple(workers),
+        prefill_workers=tuple(prefill),
+        decode_workers=tuple(decode),
         host=host,
         port=port,
         policy=args.policy,
@@ -201,6 +257,13 @@ _ROUTER_ONLY_DESTS = frozenset(
         "host",
         "port",
         "workers",
+        "prefill",
+        "decode",
+        "no_store",
+        "store_memory",
+        "mode",
+        "store",
+        "transfer_metadata",
         "policy",
         "cache_threshold",
         "balance_abs_threshold",
@@ -233,33 +296,96 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _cmd_up_workers(args: argparse.Namespace) -> int:
+def _start_workers(argvs: Sequence[list[str]], stack: ExitStack) -> list[ServerProcess]:
+    """Start one worker per argv, in parallel; each joins ``stack`` before any error is raised,
+    so a worker that failed to start never leaves its siblings running."""
+    with ThreadPoolExecutor(max_workers=max(1, len(argvs))) as pool:
+        futures = [pool.submit(ServerProcess.start, argv, echo_stderr=True) for argv in argvs]
+        started = [f.result() for f in futures if f.exception() is None]
+        for worker in started:
+            stack.enter_context(worker)
+        failed = [exc for f in futures if (exc := f.exception()) is not None]
+        if failed:
+            raise failed[0]
+    return started
+
+
+def _start_store(args: argparse.Namespace, stack: ExitStack) -> tuple[str, str]:
+    """An embedded store (master + one node) for the cluster: ``(master, metadata URL)``.
+
+    The master's metadata service also names the workers' KV segments for PD handoffs.
+    """
+    master, stop = run_master_in_thread(MasterConfig(host="127.0.0.1", port=0))
+    stack.callback(stop)
+    node = StoreNode(NodeConfig(master=master.address, memory_bytes=parse_size(args.store_memory)))
+    node.start()
+    stack.callback(node.close)
+    logger.info("store master %s with a %s node", master.address, args.store_memory)
+    return master.address, master.metadata_url
+
+
+def _start_metadata_server(stack: ExitStack) -> str:
+    """A transfer metadata server on its own thread (PD without the store): its URL."""
+    loop = asyncio.new_event_loop()
+    server = MetadataServer(host="127.0.0.1", port=0)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, name="kvstack-metadata", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+    stack.callback(stop)
+    return f"http://127.0.0.1:{server.port}"
+
+
+def _cmd_up_cluster(args: argparse.Namespace) -> int:
     worker_argv = _worker_argv(args)
+    pd = bool(args.prefill or args.decode)
+    if pd and not (args.prefill >= 1 and args.decode >= 1):
+        raise ConfigError("prefill/decode", (args.prefill, args.decode), "need at least 1 each")
     with ExitStack() as stack:
-        # The workers load their models in parallel; each has its own deadline.
-        with ThreadPoolExecutor(max_workers=args.workers) as pool:
-            futures = [
-                pool.submit(ServerProcess.start, worker_argv, echo_stderr=True)
-                for _ in range(args.workers)
-            ]
-            # Every started worker joins the stack before any failure is raised, so a worker
-            # that failed to start never leaves its siblings running.
-            started = [f.result() for f in futures if f.exception() is None]
-            for worker in started:
-                stack.enter_context(worker)
-            failed = [exc for f in futures if (exc := f.exception()) is not None]
-            if failed:
-                raise failed[0]
-            workers = started
-        config = _router_config(args, [w.url for w in workers], host=args.host, port=args.port)
+        extra: list[str] = []
+        store_master = metadata_url = None
+        if not args.no_store:
+            store_master, metadata_url = _start_store(args, stack)
+            extra += ["--store", store_master]
+        elif pd:
+            metadata_url = _start_metadata_server(stack)
+        if metadata_url is not None:
+            extra += ["--transfer-metadata", metadata_url]
+        if pd:
+            argvs = [[*worker_argv, *extra, "--mode", "prefill"]] * args.prefill + [
+                [*worker_argv, *extra, "--mode", "decode"]
+            ] * args.decode
+        else:
+            argvs = [[*worker_argv, *extra]] * args.workers
+        workers = _start_workers(argvs, stack)
+        urls = [w.url for w in workers]
+        if pd:
+            config = _router_config(
+                args,
+                [],
+                host=args.host,
+                port=args.port,
+                prefill=urls[: args.prefill],
+                decode=urls[args.prefill :],
+            )
+        else:
+            config = _router_config(args, urls, host=args.host, port=args.port)
 
         def on_ready(url: str) -> None:
-            event = {
+            event: dict[str, Any] = {
                 "event": "ready",
                 "url": url,
-                "workers": [w.url for w in workers],
+                "workers": urls,
                 "worker_pids": [w.proc.pid for w in workers],
+                "store": store_master,
             }
+            if pd:
+                event["prefill"], event["decode"] = urls[: args.prefill], urls[args.prefill :]
             print(json.dumps(event), flush=True)
 
         signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -271,11 +397,19 @@ def _cmd_up_workers(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    config = _router_config(args, args.worker, host=args.host, port=args.port)
+    config = _router_config(
+        args,
+        args.worker or (),
+        host=args.host,
+        port=args.port,
+        prefill=args.prefill_worker or (),
+        decode=args.decode_worker or (),
+    )
 
     def on_ready(url: str) -> None:
         print(
-            json.dumps({"event": "ready", "url": url, "workers": list(config.workers)}), flush=True
+            json.dumps({"event": "ready", "url": url, "workers": list(config.all_workers)}),
+            flush=True,
         )
 
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -308,8 +442,8 @@ def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("workers", args.workers, "must be at least 1")
-    if args.workers > 1:
-        return _cmd_up_workers(args)
+    if args.workers > 1 or args.prefill or args.decode:
+        return _cmd_up_cluster(args)
     torch.set_num_threads(torch_threads())
     engine_config = _engine_config(args)
     server_config = ServerConfig(
@@ -317,12 +451,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         served_model_name=args.served_model_name,
         request_timeout_s=args.request_timeout,
+        mode=args.mode,
+        transfer_metadata_url=args.transfer_metadata,
+        store_master=args.store,
+        handoff_timeout_s=args.handoff_timeout,
     )
     loaded = load_model(args.model)
 
     def on_ready(url: str) -> None:
         name = server_config.served_model_name or loaded.name
-        print(json.dumps({"event": "ready", "url": url, "model": name}), flush=True)
+        event = {"event": "ready", "url": url, "model": name, "mode": server_config.mode}
+        print(json.dumps(event), flush=True)
 
     signal.signal(signal.SIGTERM, _exit_cleanly)
     asyncio.run(
@@ -697,9 +836,20 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--worker",
         action="append",
-        required=True,
         metavar="URL",
-        help="a worker's base URL, e.g. http://127.0.0.1:8001 (repeat for each worker)",
+        help="a colocated worker's base URL, e.g. http://127.0.0.1:8001 (repeat for each)",
+    )
+    router.add_argument(
+        "--prefill-worker",
+        action="append",
+        metavar="URL",
+        help="PD mode: a prefill worker's base URL (repeat for each)",
+    )
+    router.add_argument(
+        "--decode-worker",
+        action="append",
+        metavar="URL",
+        help="PD mode: a decode worker's base URL (repeat for each)",
     )
     router.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     router.add_argument(

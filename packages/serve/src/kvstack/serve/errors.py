@@ -13,6 +13,8 @@ The hierarchy::
     ├── EngineError (RuntimeError)          the engine cannot run a request it accepted
     │   ├── EngineStopped                   the engine loop is not running (closed or crashed)
     │   └── RequestTimeout (TimeoutError)   a request ran past its deadline (HTTP 504)
+    ├── HandoffError                        a prefill → decode KV handoff failed (HTTP 502)
+    │   └── KVLayoutMismatch                the two workers' KV layouts differ (HTTP 409 at prefill)
     ├── RouterError                         the router cannot place or finish a request
     │   ├── NoWorkerAvailable               every worker is unhealthy or its breaker is open (503)
     │   └── UpstreamError                   a worker refused, reset, 5xx'd or cut a stream (502)
@@ -29,7 +31,9 @@ __all__ = [
     "ConfigError",
     "EngineError",
     "EngineStopped",
+    "HandoffError",
     "InvalidRequest",
+    "KVLayoutMismatch",
     "ModelError",
     "ModelNotFound",
     "NoWorkerAvailable",
@@ -155,6 +159,35 @@ class RequestTimeout(EngineError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[RequestTimeout], tuple[str, float]]:
         return (type(self), (self.request_id, self.timeout_s))
+
+
+class HandoffError(ServeError):
+    """The KV handoff of request ``.request_id`` with prefill worker ``.peer`` failed."""
+
+    def __init__(self, request_id: str, peer: str, reason: str) -> None:
+        super().__init__(f"KV handoff of {request_id} with {peer} failed: {reason}")
+        self.request_id = request_id
+        self.peer = peer
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[HandoffError], tuple[str, str, str]]:
+        return (type(self), (self.request_id, self.peer, self.reason))
+
+
+class KVLayoutMismatch(ServeError):
+    """Two workers' KV caches differ in ``.field`` (ours ``.ours``, theirs ``.theirs``)."""
+
+    def __init__(self, field: str, ours: object, theirs: object) -> None:
+        super().__init__(
+            f"KV layout mismatch in {field}: this worker has {ours!r}, the peer {theirs!r}; "
+            "prefill and decode workers must run the same model, dtype and block size"
+        )
+        self.field = field
+        self.ours = ours
+        self.theirs = theirs
+
+    def __reduce__(self) -> tuple[type[KVLayoutMismatch], tuple[str, object, object]]:
+        return (type(self), (self.field, self.ours, self.theirs))
 
 
 class RouterError(ServeError):

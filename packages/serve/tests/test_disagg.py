@@ -1,0 +1,154 @@
+"""Disaggregation and global prefix reuse inside one process: real engines, a real store.
+
+The handoff's byte path is exercised as the workers run it (block-major pages, coalesced runs);
+the HTTP flow, failures and the router are in test_pd_cluster.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstack.serve import EngineConfig, LLMEngine, LoadedModel, SamplingParams
+from kvstack.serve._disagg import HandoffTimings, KVLayout, coalesce_runs
+from kvstack.serve._kv_cache import chain_hashes
+from kvstack.serve._store_cache import store_key
+from kvstack.serve.errors import InvalidRequest, KVLayoutMismatch
+from kvstack.store import StoreClient
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def _engine(tiny: LoadedModel, *, num_blocks: int = 64, block_size: int = 16) -> LLMEngine:
+    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=64)
+    return LLMEngine(tiny, config)
+
+
+def _prompts(count: int, *, seed: int, vocab: int, shared: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, vocab, (shared,), generator=gen).tolist()
+    lengths = torch.randint(1, 70, (count,), generator=gen).tolist()
+    return [prefix + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int]) -> list[int]:
+    """One PD request through the engines' own API, copying blocks as the push does."""
+    blocks = decode.reserve(rid, prompt, GREEDY)
+    assert blocks is not None
+    prefill.add_request(
+        rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True), hold_blocks=True
+    )
+    outs = []
+    while not outs or not outs[-1].finished:
+        outs.extend(o for o in prefill.step() if o.request_id == rid)
+    held = outs[-1].held_block_ids
+    assert len(held) == len(blocks)
+    for src, dst, n in coalesce_runs(held, blocks):
+        decode.cache.blocks[dst : dst + n].copy_(prefill.cache.blocks[src : src + n])
+    assert prefill.release_held(rid)
+    tokens = list(decode.activate(rid, outs[-1].new_token_ids[0]).new_token_ids)
+    while decode.has_unfinished():
+        tokens.extend(t for o in decode.step() if o.request_id == rid for t in o.new_token_ids)
+    return tokens
+
+
+def test_handoff_through_block_pages_equals_colocated(tiny: LoadedModel) -> None:
+    vocab = tiny.model.config.vocab_size
+    prompts = _prompts(12, seed=1, vocab=vocab, shared=20)
+    colocated = _engine(tiny).generate(prompts, GREEDY)
+    prefill, decode = _engine(tiny), _engine(tiny)
+    for index, prompt in enumerate(prompts):
+        assert _handoff(prefill, decode, f"r{index}", prompt) == colocated[index]
+    for engine in (prefill, decode):
+        stats = engine.stats()
+        assert stats.kv.num_free_blocks == stats.kv.num_blocks
+        assert (stats.num_transferring, stats.num_held) == (0, 0)
+
+
+def test_reserve_waits_for_blocks_and_abort_frees_them(tiny: LoadedModel) -> None:
+    decode = _engine(tiny, num_blocks=4)
+    assert decode.reserve("a", list(range(40)), GREEDY) == [0, 1, 2]
+    assert decode.reserve("b", list(range(30)), GREEDY) is None  # 2 blocks needed, 1 free
+    assert decode.stats().num_transferring == 1
+    assert decode.abort("a")
+    assert decode.reserve("b", list(range(30)), GREEDY) is not None
+    with pytest.raises(InvalidRequest, match="not reserved"):
+        decode.activate("nope", 1)
+    with pytest.raises(InvalidRequest, match="first_token"):
+        decode.activate("b", -1)
+    assert decode.stats().kv.num_free_blocks == 4  # a bad first token aborts the request
+
+
+def test_layout_mismatch_names_the_field(tiny: LoadedModel) -> None:
+    ours = KVLayout.of(_engine(tiny))
+    theirs = KVLayout.of(_engine(tiny, block_size=8))
+    ours.check(KVLayout.from_wire(_wire(ours)))
+    with pytest.raises(KVLayoutMismatch, match="block_size"):
+        ours.check(theirs)
+    with pytest.raises(InvalidRequest, match=r"layout\.head_dim"):
+        KVLayout.from_wire({**_wire(ours), "head_dim": "64"})
+
+
+def _wire(layout: KVLayout) -> dict[str, object]:
+    return {name: getattr(layout, name) for name in KVLayout.__dataclass_fields__}
+
+
+def test_coalesce_runs_and_timings_header() -> None:
+    assert coalesce_runs([3, 4, 5, 9, 10], [7, 8, 2, 3, 4]) == [(3, 7, 2), (5, 2, 1), (9, 3, 2)]
+    assert coalesce_runs([], []) == []
+    timings = HandoffTimings(prefill_s=0.5, transfer_bytes=4096)
+    assert HandoffTimings.parse(timings.header()) == timings
+    assert HandoffTimings.parse("not json") is None
+
+
+def test_store_reuse_across_engines_gives_identical_tokens(tiny: LoadedModel) -> None:
+    vocab = tiny.model.config.vocab_size
+    prompts = _prompts(6, seed=2, vocab=vocab, shared=48)
+    with StoreClient.embedded("64MiB") as store:
+        first = LLMEngine(tiny, EngineConfig(num_blocks=64), store=store)
+        want = first.generate(prompts, GREEDY)
+        assert first.store is not None
+        assert first.store.flush()
+        saved = first.store.stats()
+        assert saved.saved_blocks > 0
+        assert saved.errors == 0
+        first.close()
+
+        second = LLMEngine(tiny, EngineConfig(num_blocks=64), store=store)
+        assert second.generate(prompts, GREEDY) == want
+        stats = second.stats()
+        assert second.store is not None
+        loaded = second.store.stats()
+        # Every full block of the shared prefix (and more) came from the store, not compute.
+        assert stats.store_hit_tokens >= 48
+        assert loaded.loaded_blocks * 16 == stats.store_hit_tokens
+        assert loaded.bytes_read == loaded.loaded_blocks * second.cache.block_nbytes
+        second.close()
+
+
+def test_store_block_that_vanished_is_recomputed(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vocab = tiny.model.config.vocab_size
+    [prompt] = _prompts(1, seed=3, vocab=vocab, shared=64)
+    with StoreClient.embedded("64MiB") as store:
+        first = LLMEngine(tiny, EngineConfig(num_blocks=64), store=store)
+        want = first.generate([prompt], GREEDY)
+        assert first.store is not None
+        assert first.store.flush()
+        first.close()
+        second = LLMEngine(tiny, EngineConfig(num_blocks=64), store=store)
+        keys = [store_key(h) for h in chain_hashes(second.scheduler.root_hash, prompt, 16)]
+        assert all(store.exists(k) for k in keys)
+        assert second.store is not None
+        original = second.store.lookup
+
+        def lookup_then_remove(digests: list[bytes]) -> int:
+            found = original(digests)
+            store.remove_batch(keys)  # found by lookup, gone before the read
+            return found
+
+        monkeypatch.setattr(second.store, "lookup", lookup_then_remove)
+        assert second.generate([prompt], GREEDY) == want  # computed, not trusted
+        assert second.stats().store_hit_tokens == 0
+        second.close()
