@@ -18,6 +18,7 @@ from kvstack.transfer import (
     SegmentNotFound,
     SegmentReadOnly,
     TransferRequest,
+    _memory,
 )
 from kvstack.transfer._peer import PeerProcess, random_bytes
 
@@ -149,6 +150,67 @@ def test_scattered_batch_reports_every_request(
         np.testing.assert_array_equal(
             back[i * page : (i + 1) * page], local[int(lp) * page : int(lp + 1) * page]
         )
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_page_batch_with_runs_byte_for_byte(
+    engine: Engine,
+    peer: PeerProcess,
+    transport: str,
+    threads: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KV handoff whose pages form runs (merged into one copy on shm) and stray pages, some
+    unaligned: every remote byte is checked after the WRITE, every local one after the READ.
+    """
+    if threads:  # the shared copy path even on a 2-core box, in chunks of a few pages
+        monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
+        monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
+        monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)
+        monkeypatch.setattr(_memory, "_RANGES_CHUNK_BYTES", 40 << 10)
+    page = 16 << 10
+    rng = np.random.default_rng(21)
+    local = _local(engine, 21)
+    remote = random_bytes(22, SEG_BYTES)
+    peer.command(f"fill seg 0 {SEG_BYTES} 22")
+    # 8 runs of 1..16 pages adjacent on both sides, each at a random page slot (so a run may
+    # also continue the previous one on one side only); then 16 unaligned, odd-sized strays.
+    slots = SEG_BYTES // page
+    local_slots = rng.permutation(slots // 16)[:8] * 16
+    remote_slots = rng.permutation(slots // 16)[:8] * 16
+    ranges: list[tuple[int, int, int]] = []  # (local offset, remote offset, length)
+    for ls, rs in zip(local_slots.tolist(), remote_slots.tolist(), strict=True):
+        run = int(rng.integers(1, 16))
+        ranges += [((ls + i) * page, (rs + i) * page, page) for i in range(run)]
+    used_local = {o // page for o, _, _ in ranges}
+    used_remote = {o // page for _, o, _ in ranges}
+    free_local = [s for s in range(slots) if s not in used_local]
+    free_remote = [s for s in range(slots) if s not in used_remote]
+    for ls, rs in zip(
+        rng.choice(free_local, 16, replace=False).tolist(),
+        rng.choice(free_remote, 16, replace=False).tolist(),
+        strict=True,
+    ):
+        ranges.append((ls * page + 3, rs * page + 5, page - int(rng.integers(5, 999))))
+    merged = _memory.coalesce(
+        *(np.array(column, dtype=np.int64) for column in zip(*ranges, strict=True))
+    )
+    assert len(merged[2]) < len(ranges) - 8  # the runs do merge
+    requests = [TransferRequest(Op.WRITE, "local", lo, "seg", ro, n) for lo, ro, n in ranges]
+    engine.transfer(requests, transport=transport)
+    for lo, ro, n in ranges:
+        remote[ro : ro + n] = local[lo : lo + n]
+    assert peer.command(f"hash seg 0 {SEG_BYTES}") == _sha(remote)
+    # And back: READ the same pages into a fresh copy of the local segment's pattern.
+    peer.command(f"fill seg 0 {SEG_BYTES} 23")
+    remote = random_bytes(23, SEG_BYTES)
+    expected = local.copy()
+    reads = [TransferRequest(Op.READ, "local", lo, "seg", ro, n) for lo, ro, n in ranges]
+    engine.transfer(reads, transport=transport)
+    for lo, ro, n in ranges:
+        expected[lo : lo + n] = remote[ro : ro + n]
+    np.testing.assert_array_equal(local, expected)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

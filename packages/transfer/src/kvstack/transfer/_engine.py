@@ -457,7 +457,6 @@ class Engine:
             local_addresses=[segment.address for segment in buffers],
             remote_offsets=[r.remote_offset for r in requests],
             lengths=[r.length for r in requests],
-            total=total,
         ):
             return False
         batch._routes.append(route)

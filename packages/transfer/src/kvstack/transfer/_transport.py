@@ -205,15 +205,13 @@ class ShmTransport:
             region = self._region(info)
         except TransferError:
             return False
-        local_addresses = (pages.local_offsets + pages.local.address).tolist()
-        remote_addresses = (pages.remote_offsets + region.address).tolist()
-        dsts, srcs = (
-            (local_addresses, remote_addresses)
-            if pages.op is _READ
-            else (remote_addresses, local_addresses)
-        )
-        total = pages.route.totals[1]
-        _memory.memcpy_many(dsts, srcs, pages.lengths.tolist(), total=total)
+        # Addresses computed as arrays: no Python work per page before the copy itself.
+        local_addresses = pages.local_offsets + pages.local.address
+        remote_addresses = pages.remote_offsets + region.address
+        if pages.op is _READ:
+            _memory.memcpy_ranges(local_addresses, remote_addresses, pages.lengths)
+        else:
+            _memory.memcpy_ranges(remote_addresses, local_addresses, pages.lengths)
         return True
 
     def copy_ranges(
@@ -224,7 +222,6 @@ class ShmTransport:
         local_addresses: list[int],
         remote_offsets: list[int],
         lengths: list[int],
-        total: int,
     ) -> bool:
         """Copy between checked local host addresses and ranges of ``info`` (caller buffers,
         see Engine.submit_buffers); False (nothing copied) like ``copy_pages``.
@@ -240,7 +237,7 @@ class ShmTransport:
         dsts, srcs = (
             (local_addresses, remote_addresses) if reading else (remote_addresses, local_addresses)
         )
-        _memory.memcpy_many(dsts, srcs, lengths, total=total)
+        _memory.memcpy_many(dsts, srcs, lengths)
         return True
 
     def close(self) -> None:

@@ -1,0 +1,116 @@
+"""Host copies of many ranges (the shm page path): every layout verified byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstack.transfer import _memory
+from kvstack.transfer._memory import coalesce, memcpy_many, memcpy_ranges
+
+KiB = 1 << 10
+REGION_BYTES = 8 << 20
+# Layouts of a batch: (seed, pages, page bytes, fraction of pages that continue the previous
+# one on both sides, unaligned). 4099-byte pages are odd on purpose; 2 MiB ranges are cut into
+# pieces before being shared with the copy threads.
+LAYOUTS = [
+    (0, 64, 16 * KiB, 0.0, False),  # scattered KV pages: nothing merges
+    (1, 64, 16 * KiB, 1.0, False),  # one contiguous run: one memmove
+    (2, 200, 4099, 0.5, True),  # runs of adjacent pages, odd sizes, odd offsets
+    (3, 3, 2 << 20, 0.3, True),  # few big ranges
+    (4, 1, 5, 0.0, True),
+]
+LAYOUT_IDS = ["scattered", "contiguous", "mixed-unaligned", "big", "one"]
+
+
+def _layout(
+    seed: int, pages: int, page: int, adjacent: float, unaligned: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dst offsets, src offsets, lengths): destinations never overlap, sources may."""
+    rng = np.random.default_rng(seed)
+    slot = page + (7 if unaligned else 0)
+    dst_slots = rng.permutation(REGION_BYTES // slot)[:pages]
+    dsts: list[int] = []
+    srcs: list[int] = []
+    lengths: list[int] = []
+
+    def clear(dst: int, length: int) -> bool:
+        return all(d + n <= dst or dst + length <= d for d, n in zip(dsts, lengths, strict=True))
+
+    for i in range(pages):
+        length = page - int(rng.integers(0, 3)) if unaligned else page
+        if dsts and rng.random() < adjacent:
+            dst, src = dsts[-1] + lengths[-1], srcs[-1] + lengths[-1]
+            # Continuing the run must stay in bounds and clear of every other destination.
+            in_bounds = dst + length <= REGION_BYTES and src + length <= REGION_BYTES
+            if in_bounds and clear(dst, length):
+                dsts.append(dst)
+                srcs.append(src)
+                lengths.append(length)
+                continue
+        dst = int(dst_slots[i]) * slot + (int(rng.integers(0, 7)) if unaligned else 0)
+        if not clear(dst, length):
+            continue
+        dsts.append(dst)
+        srcs.append(int(rng.integers(0, REGION_BYTES - length + 1)))
+        lengths.append(length)
+    return (
+        np.array(dsts, dtype=np.int64),
+        np.array(srcs, dtype=np.int64),
+        np.array(lengths, dtype=np.int64),
+    )
+
+
+@pytest.fixture(params=["serial", "threads"])
+def copy_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with page copies on the caller only, or shared out in tiny chunks."""
+    if request.param == "threads":
+        # Even a 2-core box must exercise the shared path: every chunk a few pages.
+        monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
+        monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
+        monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)
+        monkeypatch.setattr(_memory, "_RANGES_CHUNK_BYTES", 20 * KiB)
+    else:
+        monkeypatch.setattr(_memory, "_RANGES_THREADS", 1)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    ("seed", "pages", "page", "adjacent", "unaligned"), LAYOUTS, ids=LAYOUT_IDS
+)
+def test_memcpy_ranges_byte_for_byte(
+    copy_threads: str, seed: int, *, pages: int, page: int, adjacent: float, unaligned: bool
+) -> None:
+    dst_offsets, src_offsets, lengths = _layout(seed, pages, page, adjacent, unaligned)
+    rng = np.random.default_rng(seed + 100)
+    src = rng.integers(0, 256, REGION_BYTES, dtype=np.uint8)
+    dst = rng.integers(0, 256, REGION_BYTES, dtype=np.uint8)
+    expected = dst.copy()
+    for d, s, n in zip(dst_offsets.tolist(), src_offsets.tolist(), lengths.tolist(), strict=True):
+        expected[d : d + n] = src[s : s + n]
+    memcpy_ranges(dst_offsets + dst.ctypes.data, src_offsets + src.ctypes.data, lengths)
+    np.testing.assert_array_equal(dst, expected)
+
+
+def test_memcpy_many_lists_byte_for_byte(copy_threads: str) -> None:
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    dsts = [np.zeros(n, dtype=np.uint8) for n in (0, 1, 4097, 1 << 20, (1 << 20) + 3)]
+    starts = [0, 5, 9, 1 << 20, 123]
+    memcpy_many(
+        [d.ctypes.data for d in dsts],
+        [src.ctypes.data + s for s in starts],
+        [d.nbytes for d in dsts],
+    )
+    for d, s in zip(dsts, starts, strict=True):
+        np.testing.assert_array_equal(d, src[s : s + d.nbytes])
+
+
+def test_coalesce_merges_only_runs_adjacent_on_both_sides() -> None:
+    # 0: start; 1: continues 0 on both sides; 2: continues 1 locally only; 3: remotely only;
+    # 4: continues 3 on both sides; 5: empty, continues 4; 6: continues 5 (so 4).
+    dsts = np.array([0, 10, 20, 100, 110, 115, 115], dtype=np.int64)
+    srcs = np.array([50, 60, 0, 10, 20, 25, 25], dtype=np.int64)
+    lengths = np.array([10, 10, 10, 10, 5, 0, 3], dtype=np.int64)
+    merged = coalesce(dsts, srcs, lengths)
+    assert [a.tolist() for a in merged] == [[0, 20, 100], [50, 0, 10], [20, 10, 18]]
