@@ -761,14 +761,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print(f"starting kvstack-serve with {args.model} on 127.0.0.1 ...", flush=True)
-    with ServerProcess.start(
-        ["--model", args.model, "--port", "0"], echo_stderr=args.verbose
-    ) as server:
+    print(
+        f"starting the local stack on 127.0.0.1: {args.model}, 1 prefill + 1 decode worker, "
+        "the store (global prefix reuse) and the router ...",
+        flush=True,
+    )
+    up_args = ["--model", args.model, "--port", "0", "--prefill", "1", "--decode", "1"]
+    with ServerProcess.start(up_args, echo_stderr=args.verbose) as server:
         card = _bench.fetch_model_card(server.url)
         print(
-            f"server ready at {server.url}, serving {card['id']} "
-            f"(context {card['max_model_len']} tokens)"
+            f"router ready at {server.url}, serving {card['id']} "
+            f"(context {card['max_model_len']} tokens)\n"
+            f"  prefill {server.ready['prefill'][0]}, decode {server.ready['decode'][0]}, "
+            f"store master {server.ready['store']}"
         )
         question = "What is the capital of France?"
         response = httpx2.post(
@@ -805,6 +810,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         summaries, document = run_bench(bench_args)
         _print_results(summaries, document)
+        _print_pd_summary(server)
         if args.json is not None:
             args.json.write_text(json.dumps(document, indent=2) + "\n")
             print(f"wrote {args.json}")
@@ -812,6 +818,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     code = server.proc.returncode
     print(f"server stopped (exit code {code})")
     return 0 if code == 0 and all(s.failed == 0 for s in summaries) else 1
+
+
+def _metric_sums(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric in Prometheus text (labels as written, "" if none)."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            key, _, value = line[len(name) :].rpartition(" ")
+            found[key] = float(value)
+    return found
+
+
+def _print_pd_summary(cluster: ServerProcess) -> None:
+    """Per-phase means from the router, and where prompt tokens came from, per worker."""
+    router = httpx2.get(f"{cluster.url}/metrics", timeout=10).text
+    sums = _metric_sums(router, "kvstack_router_phase_seconds_sum")
+    counts = _metric_sums(router, "kvstack_router_phase_seconds_count")
+    print("\nPD handoff, mean per request (router metrics):")
+    for phase in ("queue", "alloc_wait", "handshake", "prefill", "kv_transfer", "first_token"):
+        key = f'{{phase="{phase}"}}'
+        if counts.get(key):
+            print(f"  {phase:<12} {1000 * sums[key] / counts[key]:9.2f} ms")
+    moved = _metric_sums(router, "kvstack_router_kv_transfer_bytes_sum").get("", 0.0)
+    seconds = sums.get('{phase="kv_transfer"}', 0.0)
+    if moved and seconds:
+        print(f"  KV pushed    {moved / 2**20:9.1f} MiB at {moved / seconds / 1e9:.2f} GB/s")
+    for role in ("prefill", "decode"):
+        for url in cluster.ready.get(role, []):
+            text = httpx2.get(f"{url}/metrics", timeout=10).text
+            tiers = _metric_sums(text, "kvstack_serve_cached_tokens_total")
+            local = sum(v for k, v in tiers.items() if 'tier="local"' in k)
+            store = sum(v for k, v in tiers.items() if 'tier="store"' in k)
+            queried = sum(
+                _metric_sums(text, "kvstack_serve_prefix_cache_query_tokens_total").values()
+            )
+            print(
+                f"  {role} worker: {queried:.0f} prompt tokens looked up, {local:.0f} from its "
+                f"own cache, {store:.0f} from the store"
+            )
 
 
 # ---- main --------------------------------------------------------------------------------
