@@ -20,6 +20,7 @@ from kvstack.store import (
     NoSpace,
     NotFound,
     PutOptions,
+    ReplicaUnavailable,
     StoreClient,
 )
 from kvstack.transfer import Op as TransferOp
@@ -140,6 +141,40 @@ def test_one_batch_get_into_mixes_outcomes_and_fails_over(client: StoreClient) -
     assert bytes(buffers[10]) == bad
     assert isinstance(result[11].error, InvalidArgument)
     assert "smaller than key 'mix/0'" in str(result[11].error)
+
+
+def test_small_get_verifies_and_fails_over_on_the_same_host_path(client: StoreClient) -> None:
+    # Small objects are copied straight from the node's mapping (Engine.map_segment); a
+    # corrupted first replica must still fail its checksum and be read from the second one,
+    # and a corrupted only replica must raise, never return the wrong bytes.
+    value = _value(401, 4096)
+    client.put("direct/two", value, options=PutOptions(replicas=2))
+    client.put("direct/one", value)
+    for key in ("direct/two", "direct/one"):
+        loc = client._locate([key], deadline=__import__("time").monotonic() + 30)[0]
+        assert not isinstance(loc, Exception)
+        _node, segment, offset = loc.replicas[0]
+        client._engine.transfer_buffers(TransferOp.WRITE, [(b"garbage!", segment, offset)])
+    assert client.get("direct/two") == value
+    into = bytearray(4096)
+    assert client.get_into("direct/two", into) == 4096
+    assert bytes(into) == value
+    quick = StoreClient(ClientConfig(master=client.config.master, timeout_s=0.5))
+    try:
+        with pytest.raises(ReplicaUnavailable) as info:
+            quick.get("direct/one")
+        assert "checksum" in str(info.value)
+    finally:
+        quick.close()
+
+
+def test_client_that_never_polls_for_replies(cluster: Cluster) -> None:
+    # reply_spin_s=0: every request sleeps in poll() for its reply (the pre-issue-4 behaviour).
+    sleeper = cluster.client(reply_spin_s=0.0)
+    value = _value(402, 4096)
+    sleeper.put("sleeper/a", value)
+    assert sleeper.get("sleeper/a") == value
+    assert sleeper.exists_batch(["sleeper/a", "sleeper/b"]).values() == [True, False]
 
 
 def test_batch_put_and_get_from_many_threads(client: StoreClient) -> None:

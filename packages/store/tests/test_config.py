@@ -29,8 +29,12 @@ from kvstack.store import (
         (lambda: NodeConfig(memory_bytes=0), "NodeConfig.memory_bytes must be > 0, got 0"),
         (lambda: ClientConfig(timeout_s=-1), "ClientConfig.timeout_s must be a positive"),
         (lambda: PutOptions(replicas=0), "PutOptions.replicas must be 1..16, got 0"),
+        (
+            lambda: ClientConfig(reply_spin_s=-1),
+            "ClientConfig.reply_spin_s must be in 0..1 seconds, got -1",
+        ),
     ],
-    ids=["port", "lease", "watermarks", "address", "memory", "timeout", "replicas"],
+    ids=["port", "lease", "watermarks", "address", "memory", "timeout", "replicas", "spin"],
 )
 def test_bad_values_are_named(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ConfigError) as info:

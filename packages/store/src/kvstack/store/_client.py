@@ -66,6 +66,9 @@ _VERIFY_GROUP_BYTES = 16 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
+# Objects up to this size on the same host are copied through Engine.map_segment; bigger ones
+# go through a transfer batch, which splits large copies over the engine's copy threads.
+DIRECT_MAX_BYTES = 256 << 10
 
 Value = object  # bytes-like, numpy array or CPU torch tensor
 
@@ -88,7 +91,7 @@ class StoreClient:
 
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig()
-        self._master = MasterConnection(self.config.master)
+        self._master = MasterConnection(self.config.master, spin_s=self.config.reply_spin_s)
         self._stops: list[Callable[[], None]] = []
         self._node: StoreNode | None = None
         hello = self._master.call_retrying(Op.HELLO, {}, timeout_s=self.config.timeout_s)
@@ -203,6 +206,9 @@ class StoreClient:
                 raise error
         else:
             loc = self._located(key, item["ok"])
+            data = self._read_direct(loc)
+            if data is not None:
+                return data
             buf = bytearray(loc.size)
             try:
                 self._read(loc, np.frombuffer(buf, dtype=np.uint8), deadline)
@@ -536,18 +542,31 @@ class StoreClient:
     ) -> list[tuple[int, _Located, np.ndarray]]:
         """Read each item's first replica in one engine batch; returns the items that arrived
         (and match their checksum, if verifying). The others fail over in ``_read``."""
+        verify = self.config.verify_checksums
         items: list[BufferItem] = []
-        for _i, loc, view in batched:
+        engine: list[tuple[int, _Located, np.ndarray]] = []
+        read: list[tuple[int, _Located, np.ndarray]] = []
+        for b in batched:
+            _i, loc, view = b
+            source = self._direct(loc)
+            if source is not None:
+                np.copyto(view, source)
+                if not verify or zlib.crc32(view.data) == loc.checksum:
+                    read.append(b)
+                continue  # a mismatch fails over in _read
             _node, segment, offset = loc.replicas[0]
             items.append((view, segment, offset))
+            engine.append(b)
+        if not items:
+            return read
         try:
             failures = self._transfer(TransferOp.READ, items, deadline, "get")
         except (StoreError, TransferError):  # out of time, or refused: item by item instead
-            return []
-        read = [b for k, b in enumerate(batched) if k not in failures]
-        if not self.config.verify_checksums:
             return read
-        return [b for b in read if zlib.crc32(b[2].data) == b[1].checksum]
+        arrived = [b for k, b in enumerate(engine) if k not in failures]
+        if verify:
+            arrived = [b for b in arrived if zlib.crc32(b[2].data) == b[1].checksum]
+        return read + arrived
 
     def _write_all(
         self, puts: list[tuple[str, np.ndarray, list[list[Any]]]], deadline: float
@@ -558,10 +577,17 @@ class StoreClient:
         items: list[BufferItem] = []
         where: list[tuple[int, int]] = []  # (put, replica) of each item
         for p, (_key, view, replicas) in enumerate(puts):
-            if not view.nbytes:
+            size = view.nbytes
+            if not size:
                 continue
-            for r, (_node, segment, offset, _tier) in enumerate(replicas):
-                items.append((view, str(segment), int(offset)))
+            for r, (_node, seg, off, _tier) in enumerate(replicas):
+                segment, offset = str(seg), int(off)
+                if size <= DIRECT_MAX_BYTES:  # same host: one memcpy (see _direct)
+                    dest = self._engine.map_segment(segment)
+                    if dest is not None and dest.flags.writeable and offset + size <= dest.nbytes:
+                        np.copyto(dest[offset : offset + size], view)
+                        continue
+                items.append((view, segment, offset))
                 where.append((p, r))
         try:
             failures = self._transfer(TransferOp.WRITE, items, deadline, "put") if items else {}
@@ -612,6 +638,33 @@ class StoreClient:
                     raise
             time.sleep(delay)  # back-off before resolving the segment again
             delay = min(delay * 2, 0.25)
+
+    def _direct(self, loc: _Located) -> np.ndarray | None:
+        """The first replica's bytes in the engine's same-host mapping (no copy), or None.
+
+        A small object's get through a transfer batch costs more in bookkeeping than the copy
+        (16 us back to back, 40-50 us right after the master's reply, against ~2 us of memcpy
+        on the 2-core box). The master's read lease keeps the range from reuse while it is
+        read, and the checksum is verified; anything else goes through ``_read``.
+        """
+        if loc.size > DIRECT_MAX_BYTES or not loc.replicas:
+            return None
+        _node, segment, offset = loc.replicas[0]
+        array = self._engine.map_segment(segment)
+        if array is None or offset + loc.size > array.nbytes:
+            return None
+        return array[offset : offset + loc.size]
+
+    def _read_direct(self, loc: _Located) -> bytes | None:
+        """A small object's verified bytes copied from a same-host mapping, or None: the
+        engine path then reads (and fails over, and names the error)."""
+        source = self._direct(loc)
+        if source is None:
+            return None
+        data = source.tobytes()
+        if self.config.verify_checksums and zlib.crc32(data) != loc.checksum:
+            return None
+        return data
 
     def _read(self, loc: _Located, view: np.ndarray, deadline: float) -> None:
         """Fill ``view`` (exactly loc.size bytes) from a replica, failing over in order."""

@@ -874,7 +874,10 @@ class Master:
     ) -> list[Replica]:
         """Best effort: up to ``want`` replicas on distinct nodes, the freest first."""
         nodes = [n for n in self._nodes.values() if n.name not in exclude and not n.suspect]
-        nodes.sort(key=lambda n: (n.name != preferred, -(n.capacity - n.used) / max(n.capacity, 1)))
+        if len(nodes) > 1:  # the sort key sums every segment's usage: not for one node
+            nodes.sort(
+                key=lambda n: (n.name != preferred, -(n.capacity - n.used) / max(n.capacity, 1))
+            )
         replicas: list[Replica] = []
         for node in nodes:
             if len(replicas) == want:

@@ -198,6 +198,31 @@ class Engine:
         self._cache[name] = info
         return info
 
+    def map_segment(self, name: str) -> np.ndarray | None:
+        """Zero-copy access to a same-host segment: the shm transport's own mapping of it.
+
+        For small copies where a batch's bookkeeping costs more than the memcpy (a 4 KiB store
+        get). Checked as a transfer is: the owner process is alive and the file is the one it
+        registered. None when the segment is not reachable this way (another host, CUDA, not
+        shareable, shm disabled, gone); use ``submit`` then, which names the precise error.
+        Read-only segments map read-only. The caller bounds-checks, and must not keep the array
+        past the copy it makes (the owner may withdraw the segment).
+        """
+        if "shm" not in self.config.transports:
+            return None
+        try:
+            info = self.lookup(name)
+            if (
+                info.host_id != self._host_id
+                or info.device != "cpu"
+                or info.shm_name is None
+                or not is_alive(info.pid)
+            ):
+                return None
+            return self._shm.region(info).array
+        except TransferError:
+            return None
+
     def wait_for(self, name: str, *, timeout_s: float) -> SegmentInfo:
         """Wait until some peer registers ``name``; raises SegmentNotFound after timeout_s."""
         try:

@@ -126,7 +126,7 @@ class ShmTransport:
             return False
         return peer.shm_name in self._maps or ShmRegion.exists(peer.shm_name)
 
-    def _region(self, info: SegmentInfo) -> ShmRegion:
+    def region(self, info: SegmentInfo) -> ShmRegion:
         name = info.shm_name
         if name is None:
             raise SegmentNotFound(info.name, peer=info.peer)
@@ -177,7 +177,7 @@ class ShmTransport:
                         raise PeerUnavailable(
                             f"owner process {info.pid} has exited", peer=info.peer
                         )
-                    region = regions[info.name] = self._region(info)
+                    region = regions[info.name] = self.region(info)
                 if work.local.host is not None:
                     # Host to host: one memmove between two checked ranges (ctypes drops the
                     # GIL for it); cheaper per call than slicing two arrays for np.copyto.
@@ -202,7 +202,7 @@ class ShmTransport:
         if not is_alive(info.pid):
             return False
         try:
-            region = self._region(info)
+            region = self.region(info)
         except TransferError:
             return False
         # Addresses computed as arrays: no Python work per page before the copy itself.
@@ -229,7 +229,7 @@ class ShmTransport:
         if not is_alive(info.pid):
             return False
         try:
-            region = self._region(info)
+            region = self.region(info)
         except TransferError:
             return False
         base = region.address
