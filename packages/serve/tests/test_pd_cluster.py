@@ -7,6 +7,7 @@ Every worker is a ``kvstack-serve up`` child; KV pages move between them through
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -381,3 +382,33 @@ def test_a_thousand_random_aborts_and_kills_leak_no_block() -> None:
         for urls in cluster.urls.values():
             for url in urls:
                 _wait_idle(url)
+
+
+@pytest.mark.gpu
+def test_pd_on_cuda_matches_colocated_and_reuses_the_store() -> None:
+    # KV in GPU memory: the push goes over CUDA IPC, the store stages through host memory.
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+    cuda = [*TINY, "--device", "cuda", "--attention-backend", "triton"]
+    prompts = _prompts(20, seed=11)
+    with ExitStack() as stack:
+        colocated = stack.enter_context(ServerProcess.start(cuda, ready_timeout_s=300))
+        want = [_complete(colocated.url, p).json()["choices"][0]["text"] for p in prompts]
+        cluster = stack.enter_context(
+            ServerProcess.start(
+                [*cuda, "--prefill", "1", "--decode", "1", "--store-memory", "64MiB"],
+                ready_timeout_s=300,
+            )
+        )
+        answers = [_complete(cluster.url, p) for p in prompts]
+        assert [a.json()["choices"][0]["text"] for a in answers] == want
+        pushed = [json.loads(a.headers["x-kvstack-timings"])["transfer_bytes"] for a in answers]
+        assert all(n > 0 for n in pushed)
+        fresh = stack.enter_context(
+            ServerProcess.start([*cuda, "--store", cluster.ready["store"]], ready_timeout_s=300)
+        )
+        again = [_complete(fresh.url, p).json() for p in prompts]
+        assert [a["choices"][0]["text"] for a in again] == want
+        assert sum(a["usage"]["prompt_tokens_details"]["store_cached_tokens"] for a in again) > 0
+        for url in cluster.ready["workers"]:
+            _wait_idle(url)

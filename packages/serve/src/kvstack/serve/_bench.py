@@ -31,6 +31,7 @@ from typing import Any
 import httpx2
 import numpy as np
 
+from kvstack.serve._disagg import TIMINGS_HEADER, HandoffTimings
 from kvstack.serve.errors import BenchError
 
 __all__ = [
@@ -81,6 +82,10 @@ class RequestRecord:
     ttft_s: float
     itl_s: tuple[float, ...]
     e2e_s: float
+    # PD mode: the prefill -> decode KV push of this request (from x-kvstack-timings).
+    kv_transfer_s: float = 0.0
+    kv_transfer_bytes: int = 0
+    store_cached_tokens: int = 0  # of cached_tokens, read from the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +207,7 @@ async def _one(client: httpx2.AsyncClient, config: LoadConfig, item: BenchPrompt
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 raise BenchError(f"HTTP {response.status_code}: {detail}")
+            timings = HandoffTimings.parse(response.headers.get(TIMINGS_HEADER, ""))
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -231,6 +237,9 @@ async def _one(client: httpx2.AsyncClient, config: LoadConfig, item: BenchPrompt
         ttft_s=chunk_times[0] - sent,
         itl_s=tuple(b - a for a, b in itertools.pairwise(chunk_times)),
         e2e_s=end - sent,
+        store_cached_tokens=int(details.get("store_cached_tokens", 0)),
+        kv_transfer_s=timings.transfer_s if timings else 0.0,
+        kv_transfer_bytes=timings.transfer_bytes if timings else 0,
     )
 
 

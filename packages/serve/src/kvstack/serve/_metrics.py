@@ -6,9 +6,12 @@ Each server owns its registry (tests start several in one process). Hit rate com
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvstack.serve._engine import EngineStats
+from kvstack.serve._store_cache import StoreCacheStats
 
 __all__ = ["ServeMetrics"]
 
@@ -126,6 +129,12 @@ class ServeMetrics:
             ["model", "direction"],
             registry=r,
         )
+        self._store_blocks = Counter(
+            "kvstack_serve_store_blocks",
+            "KV blocks read from and written to the store (global prefix reuse)",
+            ["model", "direction"],
+            registry=r,
+        )
         self._handoffs = Gauge(
             "kvstack_serve_num_requests_transferring",
             "Decode side: requests whose prompt KV a prefill worker is writing",
@@ -136,6 +145,8 @@ class ServeMetrics:
         self._seen_store_hits = 0
         self._seen_hits_local = 0
         self._seen_store_bytes = (0, 0)
+        self._seen_blocks = (0, 0)
+        self._store_lock = threading.Lock()
         self._seen_queries = 0
         self._seen_hits = 0
         self._seen_preemptions = 0
@@ -176,15 +187,25 @@ class ServeMetrics:
         )
         self._seen_store_hits = stats.store_hit_tokens
         if stats.store is not None:
-            read, written = stats.store.bytes_read, stats.store.bytes_written
+            self.update_store(stats.store)
+        if stats.kv.prefix_query_tokens:
+            hits = stats.kv.prefix_hit_tokens + stats.store_hit_tokens
+            self._hit_rate.set(hits / stats.kv.prefix_query_tokens)
+
+    def update_store(self, stats: StoreCacheStats) -> None:
+        """Advance the store counters (from the engine thread, or /metrics: the write-back
+        runs on its own thread and finishes while the engine idles)."""
+        with self._store_lock:
+            read, written = stats.bytes_read, stats.bytes_written
             self._store_bytes.labels(self.model_name, "read").inc(read - self._seen_store_bytes[0])
             self._store_bytes.labels(self.model_name, "written").inc(
                 written - self._seen_store_bytes[1]
             )
             self._seen_store_bytes = (read, written)
-        if stats.kv.prefix_query_tokens:
-            hits = stats.kv.prefix_hit_tokens + stats.store_hit_tokens
-            self._hit_rate.set(hits / stats.kv.prefix_query_tokens)
+            loaded, saved = stats.loaded_blocks, stats.saved_blocks
+            self._store_blocks.labels(self.model_name, "read").inc(loaded - self._seen_blocks[0])
+            self._store_blocks.labels(self.model_name, "written").inc(saved - self._seen_blocks[1])
+            self._seen_blocks = (loaded, saved)
 
     def render(self) -> bytes:
         """The text exposition format."""

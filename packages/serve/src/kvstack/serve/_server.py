@@ -286,6 +286,9 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        store = state.engine.engine.store
+        if store is not None:
+            state.metrics.update_store(store.stats())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
