@@ -77,7 +77,12 @@ class PagedKVCache:
         )
         if memory is None:
             memory = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        elif memory.dtype != torch.uint8 or memory.numel() < nbytes or memory.device != device:
+        elif (
+            memory.dtype != torch.uint8
+            or memory.numel() < nbytes
+            or memory.device.type != device.type
+            or (device.index is not None and memory.device.index != device.index)
+        ):
             raise ConfigError(
                 "kv_memory",
                 f"{memory.numel()} {memory.dtype} on {memory.device}",

@@ -196,10 +196,17 @@ class PutOptions:
         _positive("PutOptions", "soft_pin_s", self.soft_pin_s)
 
     def to_wire(self) -> dict[str, object]:
-        return {
-            "replicas": self.replicas,
-            "soft_pin_s": self.soft_pin_s if self.soft_pin else 0.0,
-            "hard_pin": self.hard_pin,
-            "preferred_node": self.preferred_node,
-            "overwrite": self.overwrite,
-        }
+        """Only the fields that differ from the master's defaults (1 replica, no pins, no
+        preference, no overwrite): a smaller PUT_START to encode and decode (issue 4)."""
+        wire: dict[str, object] = {}
+        if self.replicas != 1:
+            wire["replicas"] = self.replicas
+        if self.soft_pin:
+            wire["soft_pin_s"] = self.soft_pin_s
+        if self.hard_pin:
+            wire["hard_pin"] = True
+        if self.preferred_node is not None:
+            wire["preferred_node"] = self.preferred_node
+        if self.overwrite:
+            wire["overwrite"] = True
+        return wire

@@ -60,6 +60,9 @@ _MAX_UNREAD_BYTES = 256 << 20
 _ROOM_ATTEMPTS = 4
 # Longest single wait for a read lease to end (so a put fails with NoSpace within ~8 s).
 _LEASE_WAIT_S = 2.0
+# Shared read-only defaults of a PUT_START item (never stored or mutated).
+_NO_OPTIONS: dict[str, Any] = {}
+_NO_ATTRS: dict[str, Any] = {}
 
 
 class Tier(StrEnum):
@@ -208,6 +211,16 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
+        if not buf and len(data) >= HEADER.size:
+            # The common case, one whole request per read: no copies through the buffer.
+            try:
+                op, _flags, request_id, length = parse_header(data[: HEADER.size], peer=self.peer)
+            except ProtocolError as exc:
+                self._fatal(exc)
+                return
+            if len(data) == HEADER.size + length:
+                self.master._dispatch(self, op, request_id, data[HEADER.size :])
+                return
         buf += data
         while len(buf) >= HEADER.size:
             try:
@@ -282,6 +295,12 @@ class Master:
         self._joined = asyncio.Event()
         self._pending: dict[str, Pending] = {}
         self._nodes: dict[str, NodeState] = {}
+        # Running totals over live nodes' memory, so a put's watermark check is O(1) (a sum
+        # over every segment per put cost a few us of PUT_START, issue 4): capacity and the
+        # largest segment change with membership, used bytes with every allocate and free.
+        self._capacity = 0
+        self._used = 0
+        self._largest_segment = 0
         self._segment_owner: dict[str, str] = {}
         self._deferred: list[tuple[float, str, Replica, int]] = []  # (until, node, replica, size)
         self._under: set[str] = set()
@@ -291,6 +310,7 @@ class Master:
         self._task_nodes: dict[int, str] = {}
         self._demotions: set[asyncio.Future[dict[str, Any]]] = set()
         self._put_ids = itertools.count(1)
+        self._put_prefix = f"{self.epoch[:8]}-"
         self._generations = itertools.count(1)
         self._log: ObjectLog | None = None
         if self.config.redis_url:
@@ -505,6 +525,8 @@ class Master:
         for seg, ranges in used.items():
             node.segments[seg].rebuild(ranges)
         self._nodes[name] = node
+        self._used += node.used
+        self._membership_changed()
         self._joined.set()
         for seg in node.segments:
             self._segment_owner[seg] = name
@@ -604,20 +626,22 @@ class Master:
         return True
 
     def _put_start_one(self, item: dict[str, Any]) -> dict[str, Any]:
+        # The costliest step of a put (issue 4): options absent from the request take their
+        # defaults without a check, and nothing here is O(nodes) or O(objects) (see _capacity).
         key = check_key(item.get("key"))
         size = item.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if type(size) is not int or size < 0:
             raise InvalidArgument(f"size of key {key!r} must be an int >= 0, got {size!r}")
-        options = item.get("options") or {}
-        if not isinstance(options, dict):
+        options = item.get("options") or _NO_OPTIONS
+        if type(options) is not dict:
             raise InvalidArgument(f"options of key {key!r} must be an object, got {options!r:.80}")
         want = options.get("replicas", 1)
-        if not isinstance(want, int) or isinstance(want, bool) or not 1 <= want <= _MAX_REPLICAS:
+        if type(want) is not int or not 1 <= want <= _MAX_REPLICAS:
             raise InvalidArgument(
                 f"replicas of key {key!r} must be an int in 1..{_MAX_REPLICAS}, got {want!r:.40}"
             )
         soft_pin_s = options.get("soft_pin_s") or 0.0
-        if not isinstance(soft_pin_s, int | float) or soft_pin_s < 0:
+        if soft_pin_s and (not isinstance(soft_pin_s, int | float) or soft_pin_s < 0):
             raise InvalidArgument(
                 f"soft_pin_s of key {key!r} must be a number >= 0, got {soft_pin_s!r:.40}"
             )
@@ -625,28 +649,26 @@ class Master:
         if preferred is not None and not isinstance(preferred, str):
             raise InvalidArgument(f"preferred_node of key {key!r} must be a str or null")
         overwrite = bool(options.get("overwrite"))
-        attrs = item.get("attrs") or {}
-        if not isinstance(attrs, dict) or (attrs and len(encode(attrs)) > MAX_ATTRS_BYTES):
+        attrs = item.get("attrs") or _NO_ATTRS
+        if type(attrs) is not dict or (attrs and len(encode(attrs)) > MAX_ATTRS_BYTES):
             raise InvalidArgument(
                 f"attrs of key {key!r} must be a JSON object of at most {MAX_ATTRS_BYTES} bytes"
             )
-        if key in self._entries and not overwrite:
+        if not overwrite and key in self._entries:
             raise AlreadyExists(key)
-        replicas = self._allocate(key, size, want, preferred)
-        put_id = f"{self.epoch[:8]}-{next(self._put_ids)}"
+        replicas = self._allocate(key, size, want, preferred) if size else []
+        put_id = f"{self._put_prefix}{next(self._put_ids)}"
         self._pending[put_id] = Pending(
-            put_id=put_id,
-            key=key,
-            size=size,
-            replicas=replicas,
-            want=want,
-            overwrite=overwrite,
-            hard_pin=bool(options.get("hard_pin")),
-            soft_pin_until=(
-                time.time() + min(soft_pin_s, self.config.max_soft_pin_s) if soft_pin_s else 0.0
-            ),
-            attrs=attrs,
-            deadline=time.monotonic() + self.config.put_timeout_s,
+            put_id,
+            key,
+            size,
+            replicas,
+            want,
+            overwrite,
+            bool(options.get("hard_pin")),
+            (time.time() + min(soft_pin_s, self.config.max_soft_pin_s) if soft_pin_s else 0.0),
+            attrs if attrs is not _NO_ATTRS else {},
+            time.monotonic() + self.config.put_timeout_s,
         )
         return {"put_id": put_id, "replicas": [r.to_wire() for r in replicas]}
 
@@ -662,18 +684,22 @@ class Master:
         if not isinstance(checksum, int):
             self._free_all(pending.replicas, pending.size)
             raise InvalidArgument(f"commit of key {pending.key!r} needs an int checksum")
-        failed = item.get("failed") or []
-        if not isinstance(failed, list) or not all(isinstance(i, int) for i in failed):
-            self._free_all(pending.replicas, pending.size)
-            raise InvalidArgument(f"commit of key {pending.key!r}: 'failed' must list ints")
-        # Replicas the client could not write are freed; re-replication restores the count.
-        # Their nodes get no new replicas until they prove alive by polling again.
-        self._free_all([r for i, r in enumerate(pending.replicas) if i in failed], pending.size)
-        for i in failed:
-            node = self._live(pending.replicas[i]) if 0 <= i < len(pending.replicas) else None
-            if node is not None:
-                node.suspect = True
-        live = [r for i, r in enumerate(pending.replicas) if self._live(r) and i not in failed]
+        failed = item.get("failed")
+        if not failed:  # the common case: every replica written
+            live = [r for r in pending.replicas if self._live(r)]
+        else:
+            if not isinstance(failed, list) or not all(isinstance(i, int) for i in failed):
+                self._free_all(pending.replicas, pending.size)
+                raise InvalidArgument(f"commit of key {pending.key!r}: 'failed' must list ints")
+            # Replicas the client could not write are freed; re-replication restores the
+            # count. Their nodes get no new replicas until they prove alive by polling again.
+            replicas = pending.replicas
+            self._free_all([r for i, r in enumerate(replicas) if i in failed], pending.size)
+            for i in failed:
+                node = self._live(replicas[i]) if 0 <= i < len(replicas) else None
+                if node is not None:
+                    node.suspect = True
+            live = [r for i, r in enumerate(replicas) if self._live(r) and i not in failed]
         if pending.size and not live:
             raise ReplicaUnavailable(pending.key, reasons=["every node it was written to died"])
         old = self._entries.get(pending.key)
@@ -817,6 +843,7 @@ class Master:
             }
         self.metrics.objects.set(len(self._entries))
         self.metrics.object_bytes.set(self._object_bytes)
+        self._check_usage(used)
         return nodes, capacity, used
 
     def stats(self) -> dict[str, Any]:
@@ -843,7 +870,7 @@ class Master:
     def _allocate(self, key: str, size: int, want: int, preferred: object) -> list[Replica]:
         if size == 0:
             return []
-        if size > max((n.largest_segment for n in self._nodes.values()), default=0):
+        if size > self._largest_segment:
             raise NoSpace(
                 key,
                 size_bytes=size,
@@ -888,20 +915,36 @@ class Master:
             for seg, alloc in segments:
                 offset = alloc.allocate(size)
                 if offset is not None:
+                    self._used += aligned(size)
                     replicas.append(Replica(node.name, seg, offset, generation=node.generation))
                     break
         return replicas
 
+    def _membership_changed(self) -> None:
+        nodes = self._nodes.values()
+        self._capacity = sum(n.capacity for n in nodes)
+        self._largest_segment = max((n.largest_segment for n in nodes), default=0)
+
     def _memory_used(self) -> int:
-        return sum(n.used for n in self._nodes.values())
+        return self._used
+
+    def _check_usage(self, used: int) -> None:
+        """Resync the running total with ``used`` (summed over every allocator) if it drifted."""
+        if used != self._used:
+            logger.error(
+                "memory usage total drifted: %d bytes counted, %d in the allocators; resynced",
+                self._used,
+                used,
+            )
+            self._used = used
 
     def _maybe_evict(self, need: int) -> None:
-        capacity = sum(n.capacity for n in self._nodes.values())
-        if capacity and self._memory_used() + need > self.config.high_watermark * capacity:
+        capacity = self._capacity
+        if capacity and self._used + need > self.config.high_watermark * capacity:
             self._evict(int(self.config.low_watermark * capacity) - need)
 
     def _make_room(self, need: int) -> None:
-        capacity = sum(n.capacity for n in self._nodes.values())
+        capacity = self._capacity
         low = int(self.config.low_watermark * capacity)
         self._evict(min(self._memory_used() - need, low))
 
@@ -1099,6 +1142,7 @@ class Master:
         alloc = node.segments.get(replica.segment)
         if alloc is not None:
             alloc.free(replica.offset, size)
+            self._used -= aligned(size)
 
     def _free_all(self, replicas: list[Replica], size: int) -> None:
         if size:
@@ -1142,6 +1186,8 @@ class Master:
         node = self._nodes.pop(name, None)
         if node is None:
             return
+        self._used -= node.used
+        self._membership_changed()
         self.metrics.node_deaths.inc()
         self.metrics.nodes.set(len(self._nodes))
         for seg in node.segments:
