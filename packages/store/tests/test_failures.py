@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import redis
 
-from kvstack.store import PutOptions, StoreClient, StoreError
+from kvstack.store import (
+    AlreadyExists,
+    MasterConfig,
+    NotFound,
+    PutOptions,
+    ReplicaUnavailable,
+    StoreClient,
+    StoreError,
+)
+from kvstack.store._master import run_master_in_thread
 
 from .conftest import Cluster
 
@@ -161,3 +170,63 @@ def test_node_frozen_past_timeout_comes_back_as_new_generation(make_cluster: Clu
     client.put_batch(more.items(), options=PutOptions(replicas=2)).raise_for_errors()
     everything = {**values, **more}
     assert client.get_batch(list(everything)).values() == list(everything.values())
+
+
+def test_single_put_when_its_node_died_mid_put(make_cluster: Cluster) -> None:
+    """``put`` (one item, its own path) when the master still places on a killed node."""
+    make_cluster.start_master()
+    for i in range(2):
+        make_cluster.start_node(f"n{i}", "16MiB")
+    client = make_cluster.client()
+    client.put("before", b"b" * 4096, options=PutOptions(replicas=2))
+    make_cluster.kill_node("n0")  # dead, not yet declared: PUT_START still places on it
+    # Its only replica on the dead node: a typed error, the key stays invisible, space freed.
+    with pytest.raises(ReplicaUnavailable, match=r"'lost'.*node 'n0'"):
+        client.put("lost", b"x" * 4096, options=PutOptions(preferred_node="n0"))
+    with pytest.raises(NotFound):
+        client.get("lost")
+    # One of two replicas on it: committed with the survivor, byte-identical.
+    value = _value(7)
+    client.put("half", value, options=PutOptions(replicas=2))
+    assert client.get("half") == value
+    assert _replica_nodes(client, "half") == ["n1"]
+    with pytest.raises(AlreadyExists, match="'half'"):
+        client.put("half", b"other")
+    assert client.get("half") == value
+    client.put("half", b"new", overwrite=True)
+    assert client.get("half") == b"new"
+    assert client.get("before") == b"b" * 4096
+    assert client.stats()["pending_puts"] == 0
+
+
+def test_running_usage_total_matches_the_allocators(
+    make_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The master's O(1) usage total (PUT_START's watermark check) never drifts from the
+    allocators: across puts, overwrites, removes under lease, a node death and re-replication."""
+    master, stop = run_master_in_thread(MasterConfig(heartbeat_timeout_s=3.0, lease_s=0.3))
+    try:
+        make_cluster.address = master.address
+        for i in range(3):
+            make_cluster.start_node(f"n{i}", "16MiB")
+        client = make_cluster.client()
+        values = {f"u/{i}": _value(4000 + i) for i in range(40)}
+        client.put_batch(values.items(), options=PutOptions(replicas=2)).raise_for_errors()
+        for i in range(10):
+            client.put(f"u/{i}", _value(5000 + i), overwrite=True, options=PutOptions(replicas=2))
+            client.get(f"u/{10 + i}")  # a read lease: the remove below frees it later
+            client.remove(f"u/{10 + i}")
+        make_cluster.kill_node("n0")
+        _wait_for("n0 declared dead", lambda: "n0" not in client.stats()["nodes"])
+        _wait_for("re-replication", lambda: client.stats()["under_replicated"] == 0)
+        _wait_for("deferred frees", lambda: client.stats()["deferred_frees"] == 0)
+
+        def exact() -> int:
+            nodes = list(master._nodes.values())
+            return sum(a.used_bytes for n in nodes for a in n.segments.values())
+
+        assert master._memory_used() == exact()
+        assert not [r for r in caplog.records if "drifted" in r.getMessage()]
+    finally:
+        make_cluster.close()  # clients and nodes first: they hold connections to the master
+        stop()

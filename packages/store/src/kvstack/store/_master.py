@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import selectors
 import threading
 import time
 import uuid
@@ -47,7 +49,7 @@ from kvstack.store.errors import (
 )
 from kvstack.transfer import MetadataServer
 
-__all__ = ["Master", "check_key", "run_master_in_thread"]
+__all__ = ["Master", "check_key", "polling_event_loop", "run_master_in_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -1323,6 +1325,52 @@ class Master:
                 self._under.discard(entry.key)
         finally:
             self._rereplicating.discard(entry.key)
+
+
+class _PollingSelector(selectors.DefaultSelector):
+    """A selector that, for ``spin_s`` after its last ready event, polls (yielding the CPU
+    between polls) instead of sleeping in the kernel.
+
+    On the 2-core VM box a client's request to a master asleep in epoll_wait pays for waking
+    it, and the master's code then runs cold: 4 KiB put p50 ~190 us sleeping vs ~95 us polling,
+    get ~90 vs ~45 (issue 4, master and client on different vCPUs; on the same vCPU both ~200:
+    the poll yields to the client, so sharing costs nothing).
+    """
+
+    def __init__(self, spin_s: float) -> None:
+        super().__init__()
+        self._spin_s = spin_s
+        self._last_ready = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None or timeout > 0:
+            now = time.perf_counter()
+            until = self._last_ready + self._spin_s
+            if now < until:
+                if timeout is not None:
+                    until = min(until, now + timeout)
+                while True:
+                    ready = super().select(0)
+                    if ready:
+                        self._last_ready = time.perf_counter()
+                        return ready
+                    if time.perf_counter() >= until:
+                        break
+                    os.sched_yield()  # a client may be queued on this very vCPU: let it run
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (time.perf_counter() - now))
+        ready = super().select(timeout)
+        if ready:
+            self._last_ready = time.perf_counter()
+        return ready
+
+
+def polling_event_loop(spin_s: float) -> asyncio.AbstractEventLoop:
+    """An event loop for a master process that polls ``spin_s`` after each request (see
+    ``MasterConfig.poll_spin_s``); a plain one when ``spin_s`` is 0."""
+    if spin_s <= 0:
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(_PollingSelector(spin_s))
 
 
 def run_master_in_thread(config: MasterConfig) -> tuple[Master, Callable[[], None]]:
