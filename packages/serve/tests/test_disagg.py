@@ -152,3 +152,26 @@ def test_store_block_that_vanished_is_recomputed(
         assert second.generate([prompt], GREEDY) == want  # computed, not trusted
         assert second.stats().store_hit_tokens == 0
         second.close()
+
+
+def test_smollm2_handoff_and_store_paths_match_colocated(smollm2: LoadedModel) -> None:
+    # The smaller run with the real model: greedy tokens equal across colocated, PD handoff,
+    # local prefix hit and store hit.
+    vocab = smollm2.model.config.vocab_size
+    prompts = _prompts(4, seed=5, vocab=vocab, shared=40)
+    colocated = _engine(smollm2).generate(prompts, GREEDY)
+    prefill, decode = _engine(smollm2), _engine(smollm2)
+    for rounds in range(2):  # the second round hits the prefill side's prefix cache
+        for index, prompt in enumerate(prompts):
+            assert _handoff(prefill, decode, f"r{rounds}-{index}", prompt) == colocated[index]
+    assert prefill.stats().kv.prefix_hit_tokens > 0
+    with StoreClient.embedded("128MiB") as store:
+        first = LLMEngine(smollm2, EngineConfig(num_blocks=64), store=store)
+        first.generate(prompts, GREEDY)
+        assert first.store is not None
+        assert first.store.flush()
+        first.close()
+        second = LLMEngine(smollm2, EngineConfig(num_blocks=64), store=store)
+        assert second.generate(prompts, GREEDY) == colocated
+        assert second.stats().store_hit_tokens > 0
+        second.close()
