@@ -136,8 +136,10 @@ def test_master_kill_9_and_restart_keeps_every_committed_object(
 
     make_cluster.restart_master()
 
-    # The old client's pooled connections died with the master: it reconnects by itself.
+    # The old client's pooled connections died with the master: it reconnects by itself,
+    # over TCP (the old master's Unix socket died with it; a new one has a new name).
     client.put("after/restart", b"x")
+    assert client._master._unix == ""
     values["after/restart"] = b"x"
     fresh = make_cluster.client()
     # Nodes re-register on their next poll; until then reads retry within their deadline.

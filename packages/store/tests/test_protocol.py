@@ -13,11 +13,20 @@ from kvstack.store._wire import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, MAX_PAYLO
 from .conftest import Cluster
 
 
-def _connect(cluster: Cluster) -> socket.socket:
+def _connect(cluster: Cluster, transport: str = "tcp") -> socket.socket:
+    """A raw connection to the master: TCP, or the same-host Unix socket HELLO names."""
     host, port = cluster.address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.settimeout(30)
-    return sock
+    if transport == "tcp":
+        return sock
+    with sock:
+        sock.sendall(pack(Op.HELLO, 1, b"{}"))
+        _op, _flags, hello = _read_reply(sock)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.settimeout(30)
+    unix.connect(str(hello["unix_address"]))
+    return unix
 
 
 def _read_reply(sock: socket.socket) -> tuple[int, int, dict[str, object]]:
@@ -46,8 +55,11 @@ def _still_serves(client: StoreClient, key: str) -> None:
     assert client.get(key) == b"fine"
 
 
-def test_garbage_gets_protocol_error_and_close(cluster: Cluster, client: StoreClient) -> None:
-    with _connect(cluster) as sock:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_garbage_gets_protocol_error_and_close(
+    cluster: Cluster, client: StoreClient, transport: str
+) -> None:
+    with _connect(cluster, transport) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _op, flags, body = _read_reply(sock)
         assert flags == FLAG_REPLY | FLAG_ERROR
@@ -113,3 +125,21 @@ def test_truncated_frames_then_hangup(cluster: Cluster, client: StoreClient, cut
         sock.shutdown(socket.SHUT_WR)
         assert _closed(sock)  # the half frame is dropped with the connection, never run
     _still_serves(client, f"proto/cut{cut}")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_frames_sent_together_get_one_reply_each(cluster: Cluster, transport: str) -> None:
+    """Two requests in one write (the master's one-frame-per-read fast path must not apply)."""
+    with _connect(cluster, transport) as sock:
+        sock.sendall(pack(Op.HELLO, 7, b"{}") + pack(Op.EXISTS, 8, b'{"items":[{"key":"no"}]}'))
+        assert _read_reply(sock)[0] == Op.HELLO
+        op, flags, body = _read_reply(sock)
+        assert (op, flags) == (Op.EXISTS, FLAG_REPLY)
+        assert body == {"items": [{"ok": {"exists": False}}]}
+
+
+def test_same_host_client_talks_over_the_unix_socket(client: StoreClient) -> None:
+    client.put("proto/unix", b"u", overwrite=True)
+    assert client.get("proto/unix") == b"u"
+    families = {s.sock.family for s in client._master._idle}
+    assert families == {socket.AF_UNIX}

@@ -97,6 +97,8 @@ class StoreClient:
         self._node: StoreNode | None = None
         hello = self._master.call_retrying(Op.HELLO, {}, timeout_s=self.config.timeout_s)
         self.metadata_url = str(hello["metadata_url"])
+        if hello.get("unix_address"):
+            self._master.use_unix(str(hello["unix_address"]))
         self._engine = Engine(EngineConfig(metadata_url=self.metadata_url))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()

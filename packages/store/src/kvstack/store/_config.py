@@ -21,8 +21,6 @@ __all__ = [
 
 # Keys are UTF-8 strings of 1..MAX_KEY_BYTES bytes (Mooncake and Redis keys are strings too).
 MAX_KEY_BYTES = 1024
-# MasterConfig.poll_spin_s (and `kvstack-store master --poll-spin`) unless told otherwise.
-DEFAULT_POLL_SPIN_S = 200e-6
 # Per-object user attributes (a tensor's dtype and shape) travel in the metadata; keep them small.
 MAX_ATTRS_BYTES = 4096
 
@@ -82,12 +80,6 @@ class MasterConfig:
     metrics_port: int | None = field(default_factory=_env.metrics_port)
     # Re-replicate objects that lost a replica (background, node-to-node copies).
     rereplicate: bool = True
-    # How long the master process's event loop polls for the next request after one arrives
-    # before it sleeps; 0 always sleeps. Like ClientConfig.reply_spin_s it burns up to this
-    # much CPU per request to skip a sleeping thread's wake-up (tens of us on small VMs,
-    # issue 4). Only ``kvstack-store master`` polls: an embedded master shares its client's
-    # GIL and never does.
-    poll_spin_s: float = DEFAULT_POLL_SPIN_S
 
     def __post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -109,10 +101,6 @@ class MasterConfig:
             raise ConfigError(
                 f"MasterConfig.redis_url must look like 'redis://host:port/db', got "
                 f"{self.redis_url!r}"
-            )
-        if not (isinstance(self.poll_spin_s, int | float) and 0 <= self.poll_spin_s <= 1.0):
-            raise ConfigError(
-                f"MasterConfig.poll_spin_s must be in 0..1 seconds, got {self.poll_spin_s!r}"
             )
         if self.snapshot_every < 1:
             raise ConfigError(

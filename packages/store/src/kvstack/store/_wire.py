@@ -138,11 +138,23 @@ class _Socket:
     send and recv on a socket with a timeout.
     """
 
-    def __init__(self, host: str, port: int, *, timeout_s: float, spin_s: float) -> None:
-        self.peer = f"{host}:{port}"
-        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+    def __init__(
+        self, host: str, port: int, *, timeout_s: float, spin_s: float, unix: str = ""
+    ) -> None:
+        self.peer = f"{host}:{port}"  # the master's address in errors, whichever socket
+        if unix:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.settimeout(timeout_s)
+                self.sock.connect(unix)
+            except BaseException:
+                self.sock.close()
+                raise
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not unix:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.setblocking(False)
             self._poller = select.poll()
             self._poller.register(self.sock, select.POLLIN)
@@ -258,6 +270,18 @@ class MasterConnection:
         self._idle: list[_Socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._unix = ""
+
+    def use_unix(self, address: str) -> None:
+        """Open new connections on the master's Unix socket ``address`` (from HELLO) instead of
+        TCP; pooled TCP connections are dropped. Where it cannot be reached (another host, or
+        the master restarted under a new address) connections fall back to TCP for good."""
+        with self._lock:
+            self._unix = address
+            idle = self._idle
+            self._idle = []
+        for sock in idle:
+            sock.close()
 
     def _take(self, timeout_s: float) -> _Socket:
         """A pooled connection, or a new one; raises _Stale if the pooled one was closed."""
@@ -274,13 +298,17 @@ class MasterConnection:
             for old in stale:
                 old.close()
             raise _Stale
+        timeout_s = min(timeout_s, self._connect_timeout_s)
+        unix = self._unix
+        if unix:
+            try:
+                return _Socket(
+                    self._host, self._port, timeout_s=timeout_s, spin_s=self._spin_s, unix=unix
+                )
+            except OSError:  # not this host's master (any more): TCP from now on
+                self._unix = ""
         try:
-            return _Socket(
-                self._host,
-                self._port,
-                timeout_s=min(timeout_s, self._connect_timeout_s),
-                spin_s=self._spin_s,
-            )
+            return _Socket(self._host, self._port, timeout_s=timeout_s, spin_s=self._spin_s)
         except OSError as exc:
             raise MasterUnavailable(self.address, reason=str(exc) or type(exc).__name__) from exc
 

@@ -14,14 +14,8 @@ from collections.abc import Sequence
 
 from kvstack.store import _env
 from kvstack.store._bench import format_table, run_bench
-from kvstack.store._config import (
-    DEFAULT_POLL_SPIN_S,
-    ClientConfig,
-    MasterConfig,
-    NodeConfig,
-    parse_size,
-)
-from kvstack.store._master import Master, polling_event_loop
+from kvstack.store._config import ClientConfig, MasterConfig, NodeConfig, parse_size
+from kvstack.store._master import Master
 from kvstack.store._node import StoreNode
 from kvstack.store._wire import MasterConnection, Op
 from kvstack.store.errors import StoreError
@@ -78,13 +72,6 @@ def _parser() -> argparse.ArgumentParser:
         default=_env.metrics_port(),
         help=f"Prometheus exporter port (default ${_env.METRICS_PORT_VAR}; unset: none)",
     )
-    master.add_argument(
-        "--poll-spin",
-        type=float,
-        default=DEFAULT_POLL_SPIN_S,
-        help="seconds to poll for the next request before sleeping; 0 always sleeps "
-        f"(default {DEFAULT_POLL_SPIN_S:g})",
-    )
 
     node = sub.add_parser("node", help="run a storage node contributing memory (and disk)")
     node.add_argument(
@@ -129,7 +116,6 @@ def _master(args: argparse.Namespace) -> int:
         high_watermark=args.high_watermark,
         low_watermark=args.low_watermark,
         metrics_port=args.metrics_port,
-        poll_spin_s=args.poll_spin,
     )
 
     async def serve() -> None:
@@ -147,11 +133,8 @@ def _master(args: argparse.Namespace) -> int:
         finally:
             await master.close()
 
-    with (
-        contextlib.suppress(KeyboardInterrupt),
-        asyncio.Runner(loop_factory=lambda: polling_event_loop(config.poll_spin_s)) as runner,
-    ):
-        runner.run(serve())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
     return 0
 
 
