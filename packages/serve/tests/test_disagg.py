@@ -31,13 +31,24 @@ def _prompts(count: int, *, seed: int, vocab: int, shared: int = 0) -> list[list
     return [prefix + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int]) -> list[int]:
+def _handoff(
+    prefill: LLMEngine,
+    decode: LLMEngine,
+    rid: str,
+    prompt: list[int],
+    params: SamplingParams = GREEDY,
+) -> list[int]:
     """One PD request through the engines' own API, copying blocks as the push does."""
-    blocks = decode.reserve(rid, prompt, GREEDY)
+    blocks = decode.reserve(rid, prompt, params)
     assert blocks is not None
-    prefill.add_request(
-        rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True), hold_blocks=True
+    first = SamplingParams(
+        max_tokens=1,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        ignore_eos=True,
     )
+    prefill.add_request(rid, prompt, first, hold_blocks=True)
     outs = []
     while not outs or not outs[-1].finished:
         outs.extend(o for o in prefill.step() if o.request_id == rid)
@@ -63,6 +74,16 @@ def test_handoff_through_block_pages_equals_colocated(tiny: LoadedModel) -> None
         stats = engine.stats()
         assert stats.kv.num_free_blocks == stats.kv.num_blocks
         assert (stats.num_transferring, stats.num_held) == (0, 0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_seeded_sampling_after_a_handoff_equals_colocated(tiny: LoadedModel, top_p: float) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=top_p, seed=7, ignore_eos=True)
+    prompts = _prompts(4, seed=6, vocab=tiny.model.config.vocab_size)
+    want = [_engine(tiny).generate([p], params)[0] for p in prompts]
+    prefill, decode = _engine(tiny), _engine(tiny)
+    got = [_handoff(prefill, decode, f"s{i}", p, params) for i, p in enumerate(prompts)]
+    assert got == want
 
 
 def test_reserve_waits_for_blocks_and_abort_frees_them(tiny: LoadedModel) -> None:

@@ -205,6 +205,11 @@ class LLMEngine:
         if not 0 <= first_token < vocab:
             self.abort(request_id)
             raise InvalidRequest("first_token", f"{first_token} is outside 0..{vocab - 1}")
+        if request.generator is not None:
+            # The prefill worker drew the first token from the same seed: spend that draw here
+            # too, so a seeded request samples the same tokens as it would colocated.
+            probs = torch.ones(vocab, device=self.device)
+            torch.multinomial(probs, 1, generator=request.generator)
         self.scheduler.activate(request)
         return self._append_token(request, first_token, time.monotonic())
 
