@@ -143,26 +143,32 @@ def test_one_batch_get_into_mixes_outcomes_and_fails_over(client: StoreClient) -
     assert "smaller than key 'mix/0'" in str(result[11].error)
 
 
-def test_small_get_verifies_and_fails_over_on_the_same_host_path(client: StoreClient) -> None:
-    # Small objects are copied straight from the node's mapping (Engine.map_segment); a
-    # corrupted first replica must still fail its checksum and be read from the second one,
-    # and a corrupted only replica must raise, never return the wrong bytes.
-    value = _value(401, 4096)
-    client.put("direct/two", value, options=PutOptions(replicas=2))
-    client.put("direct/one", value)
-    for key in ("direct/two", "direct/one"):
+# 4 KiB and 1 MiB are copied straight from the node's mapping; 8 MiB goes through the engine.
+CORRUPTION_SIZES = [4096, 1 << 20, 8 << 20]
+
+
+@pytest.mark.parametrize("size", CORRUPTION_SIZES)
+def test_get_verifies_and_fails_over_on_the_same_host_path(client: StoreClient, size: int) -> None:
+    # Objects up to DIRECT_MAX_BYTES are copied straight from the node's mapping
+    # (Engine.map_segment); a corrupted first replica must still fail its checksum and be read
+    # from the second one, and a corrupted only replica must raise, never return wrong bytes.
+    value = _value(401, size)
+    two, one = f"direct/{size}/two", f"direct/{size}/one"
+    client.put(two, value, options=PutOptions(replicas=2))
+    client.put(one, value)
+    for key in (two, one):
         loc = client._locate([key], deadline=__import__("time").monotonic() + 30)[0]
         assert not isinstance(loc, Exception)
         _node, segment, offset = loc.replicas[0]
         client._engine.transfer_buffers(TransferOp.WRITE, [(b"garbage!", segment, offset)])
-    assert client.get("direct/two") == value
-    into = bytearray(4096)
-    assert client.get_into("direct/two", into) == 4096
+    assert client.get(two) == value
+    into = bytearray(size)
+    assert client.get_into(two, into) == size
     assert bytes(into) == value
     quick = StoreClient(ClientConfig(master=client.config.master, timeout_s=0.5))
     try:
         with pytest.raises(ReplicaUnavailable) as info:
-            quick.get("direct/one")
+            quick.get(one)
         assert "checksum" in str(info.value)
     finally:
         quick.close()

@@ -8,7 +8,16 @@ import socket
 import pytest
 
 from kvstack.store import StoreClient
-from kvstack.store._wire import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, MAX_PAYLOAD_BYTES, Op, pack
+from kvstack.store._wire import (
+    FLAG_ERROR,
+    FLAG_REPLY,
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD_BYTES,
+    VERSION,
+    Op,
+    pack,
+)
 
 from .conftest import Cluster
 
@@ -71,7 +80,7 @@ def test_garbage_gets_protocol_error_and_close(
 
 def test_oversized_length_refused(cluster: Cluster, client: StoreClient) -> None:
     with _connect(cluster) as sock:
-        sock.sendall(HEADER.pack(MAGIC, 1, Op.GET, 0, 1, MAX_PAYLOAD_BYTES + 1))
+        sock.sendall(HEADER.pack(MAGIC, VERSION, Op.GET, 0, 1, MAX_PAYLOAD_BYTES + 1))
         _op, _flags, body = _read_reply(sock)
         assert f"exceeds the limit of {MAX_PAYLOAD_BYTES}" in str(body["fields"])
         assert _closed(sock)

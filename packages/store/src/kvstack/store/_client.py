@@ -1,8 +1,8 @@
 """StoreClient (sync, the data-plane implementation) and AsyncStoreClient (its own executor).
 
 A put is three steps: PUT_START (the master allocates replicas), the client writes the bytes
-straight into each replica's node segment through the transfer engine, PUT_COMMIT with the
-CRC-32 (the object becomes visible). A get asks the master for the replicas (which grants a
+straight into each replica's node segment through the transfer engine, PUT_COMMIT with their
+XXH3-64 (the object becomes visible). A get asks the master for the replicas (which grants a
 read lease), reads one, verifies the checksum, and fails over to the next replica on error.
 Batches move as one transfer-engine batch over the caller's buffers (``submit_buffers``):
 every replica of every put, every first replica of a get; only failed items go one by one.
@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ import numpy as np
 
 from kvstack.store._batch import BatchResult, ItemOutcome
 from kvstack.store._buffers import byte_view, check_matches, empty_tensor, tensor_attrs
+from kvstack.store._checksum import DEFAULT_KIND, ChecksumKind, checksum, parse_kind
 from kvstack.store._config import ClientConfig, MasterConfig, NodeConfig, PutOptions, parse_size
 from kvstack.store._master import check_key, run_master_in_thread
 from kvstack.store._node import StoreNode
@@ -60,15 +60,20 @@ T = TypeVar("T")
 _PARALLEL_BYTES = 4 << 20
 _TRANSFER_THREADS = 4
 # Verified batch reads are copied and checked in groups of about this many bytes, one group per
-# thread (see _get_many). 64 x 1 MiB on the 2-core box: 2.8 GB/s this way, 2.7 as one batch
-# checked afterwards (the bytes have left the cache), 2.5-3.9 before (one read per item).
+# thread (see _get_many). 64 x 1 MiB on the 2-core box with CRC-32: 2.8 GB/s this way, 2.7 as
+# one batch checked afterwards (the bytes have left the cache); with XXH3-64 and same-host
+# copies, 7.6 GB/s (6.0 with the copies as engine batches per group; the engine alone 10.9).
 _VERIFY_GROUP_BYTES = 16 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
 # Objects up to this size on the same host are copied through Engine.map_segment; bigger ones
-# go through a transfer batch, which splits large copies over the engine's copy threads.
-DIRECT_MAX_BYTES = 256 << 10
+# go through a transfer batch, which splits large copies over the engine's copy threads. Was
+# 256 KiB; on the 2-core box the direct copy measured faster at 1 and 4 MiB (1 MiB get 7.1 vs
+# 3.6 GB/s: one memcpy into the returned bytes instead of the engine's copy plus ``bytes()``;
+# 1 MiB put p50 259 vs 345 us) and about even at 16 MiB, where more copy threads on a
+# bigger machine should favour the engine.
+DIRECT_MAX_BYTES = 4 << 20
 
 Value = object  # bytes-like, numpy array or CPU torch tensor
 _DEFAULT_OPTIONS = PutOptions()
@@ -81,10 +86,15 @@ class _Located:
     checksum: int
     attrs: dict[str, Any]
     replicas: list[tuple[str, str, int]]  # (node, segment, offset)
+    checksum_kind: ChecksumKind = DEFAULT_KIND
+
+    def verifies(self, data: memoryview | bytes) -> bool:
+        """Whether ``data`` (the object's bytes) matches the committed checksum."""
+        return checksum(data, self.checksum_kind) == self.checksum
 
 
-def _crc32(view: np.ndarray) -> int:
-    return zlib.crc32(view.data)
+def _checksum(view: np.ndarray) -> int:
+    return checksum(view.data)
 
 
 class StoreClient:
@@ -417,7 +427,7 @@ class StoreClient:
                 Op.PUT_ABORT, {"items": [{"put_id": put_id}]}, timeout_s=self._left(deadline, "put")
             )
             raise written
-        commit: dict[str, Any] = {"put_id": put_id, "checksum": zlib.crc32(view.data)}
+        commit: dict[str, Any] = {"put_id": put_id, "checksum": checksum(view.data)}
         if written:
             commit["failed"] = written
         reply = self._master.call(
@@ -567,11 +577,10 @@ class StoreClient:
             return pool
 
     def _checksums(self, views: Sequence[np.ndarray]) -> list[int]:
-        """CRC-32 of each view; big batches on the pool (zlib releases the GIL, measured
-        2.4 GB/s per core: a 64 MiB batch costs ~27 ms on one)."""
+        """XXH3-64 of each view; big batches on the pool."""
         if len(views) > 1 and sum(v.nbytes for v in views) >= _PARALLEL_BYTES:
-            return list(self._pool_get().map(_crc32, views))
-        return [zlib.crc32(v.data) for v in views]
+            return list(self._pool_get().map(_checksum, views))
+        return [checksum(v.data) for v in views]
 
     def _transfer(
         self, op: TransferOp, items: list[BufferItem], deadline: float, what: str
@@ -602,7 +611,7 @@ class StoreClient:
             source = self._direct(loc)
             if source is not None:
                 np.copyto(view, source)
-                if not verify or zlib.crc32(view.data) == loc.checksum:
+                if not verify or loc.verifies(view.data):
                     read.append(b)
                 continue  # a mismatch fails over in _read
             _node, segment, offset = loc.replicas[0]
@@ -616,7 +625,7 @@ class StoreClient:
             return read
         arrived = [b for k, b in enumerate(engine) if k not in failures]
         if verify:
-            arrived = [b for b in arrived if zlib.crc32(b[2].data) == b[1].checksum]
+            arrived = [b for b in arrived if b[1].verifies(b[2].data)]
         return read + arrived
 
     def _write_all(
@@ -690,7 +699,7 @@ class StoreClient:
     def _direct(self, loc: _Located) -> np.ndarray | None:
         """The first replica's bytes in the engine's same-host mapping (no copy), or None.
 
-        A small object's get through a transfer batch costs more in bookkeeping than the copy
+        An object's get through a transfer batch costs more in bookkeeping than the copy
         (16 us back to back, 40-50 us right after the master's reply, against ~2 us of memcpy
         on the 2-core box). The master's read lease keeps the range from reuse while it is
         read, and the checksum is verified; anything else goes through ``_read``.
@@ -719,7 +728,7 @@ class StoreClient:
         if source is None:
             return None
         data = source.tobytes()
-        if self.config.verify_checksums and zlib.crc32(data) != loc.checksum:
+        if self.config.verify_checksums and not loc.verifies(data):
             return None
         return data
 
@@ -741,7 +750,7 @@ class StoreClient:
                 continue
             if not self.config.verify_checksums:
                 return
-            actual = zlib.crc32(view.data)
+            actual = checksum(view.data, loc.checksum_kind)
             if actual == loc.checksum:
                 return
             reasons.append(
@@ -782,6 +791,11 @@ class StoreClient:
             checksum=int(ok["checksum"]),
             attrs=dict(ok.get("attrs") or {}),
             replicas=[(str(n), str(s), int(o)) for n, s, o in ok["replicas"]],
+            checksum_kind=(
+                parse_kind(ok["checksum_kind"], what=f"key {key!r}")
+                if "checksum_kind" in ok
+                else DEFAULT_KIND
+            ),
         )
 
     def _get_many(
@@ -817,9 +831,9 @@ class StoreClient:
                 batched.append((i, loc, view))
         total = sum(loc.size for _i, loc, _view in batched)
         if self.config.verify_checksums and len(batched) > 1 and total >= _PARALLEL_BYTES:
-            # Big and verified: CRC-32 (2.4-4.3 GB/s a core) costs more than the copy, so the
-            # batch is cut into a few engine batches of ~_VERIFY_GROUP_BYTES, each checked
-            # by the thread that copied it while its bytes are still in cache.
+            # Big and verified: the batch is cut into groups of ~_VERIFY_GROUP_BYTES, each
+            # copied (same-host copies or one engine batch) and checked by one pool thread
+            # while its bytes are still in cache, so checks overlap other groups' copies.
             groups: list[list[tuple[int, _Located, np.ndarray]]] = [[]]
             size = 0
             for b in batched:

@@ -147,7 +147,7 @@ class ClientConfig:
     master: str = field(default_factory=_env.master)
     # Deadline of one store operation, retries and fail-over included.
     timeout_s: float = 30.0
-    # Verify the end-to-end checksum on every get (CRC-32 of the bytes, computed at put).
+    # Verify the end-to-end checksum on every get (XXH3-64 of the bytes, computed at put).
     verify_checksums: bool = True
     # Threads of the AsyncStoreClient executor.
     async_workers: int = 8

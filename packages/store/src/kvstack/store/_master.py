@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from kvstack.store._allocator import SegmentAllocator, aligned
+from kvstack.store._checksum import DEFAULT_KIND, ChecksumKind, parse_kind
 from kvstack.store._config import MAX_ATTRS_BYTES, MAX_KEY_BYTES, MasterConfig
 from kvstack.store._metrics import MasterMetrics
 from kvstack.store._persist import MetadataLog, ObjectLog, RedisLog
@@ -111,6 +112,7 @@ class Entry:
     attrs: dict[str, Any]
     replicas: list[Replica]
     want: int
+    checksum_kind: ChecksumKind = DEFAULT_KIND
     hard_pin: bool = False
     soft_pin_until: float = 0.0  # wall clock
     last_access: float = 0.0  # monotonic
@@ -122,6 +124,7 @@ class Entry:
         return {
             "size": self.size,
             "checksum": self.checksum,
+            "checksum_kind": str(self.checksum_kind),
             "attrs": self.attrs,
             "replicas": [r.to_wire() for r in self.replicas],
             "want": self.want,
@@ -135,6 +138,8 @@ class Entry:
             key=key,
             size=int(data["size"]),
             checksum=int(data["checksum"]),
+            # Records from before XXH3-64 have no kind: CRC-32, still verified as such.
+            checksum_kind=parse_kind(data.get("checksum_kind"), what=f"record of key {key!r}"),
             attrs=dict(data.get("attrs") or {}),
             replicas=[Replica.from_wire(r) for r in data["replicas"]],
             want=int(data["want"]),
@@ -704,6 +709,7 @@ class Master:
         pending = self._pending.pop(put_id, None) if isinstance(put_id, str) else None
         if pending is None:
             raise StoreError(f"put {put_id!r} is unknown: it expired or the master restarted")
+        # Clients of this protocol version commit XXH3-64 (DEFAULT_KIND, the Entry's default).
         checksum = item.get("checksum")
         if not isinstance(checksum, int):
             self._free_all(pending.replicas, pending.size)
@@ -808,12 +814,15 @@ class Master:
         now = time.monotonic()
         entry.last_access = now
         entry.lease_until = max(entry.lease_until, now + self.config.lease_s)
-        return {
+        located: dict[str, Any] = {
             "size": entry.size,
             "checksum": entry.checksum,
             "attrs": entry.attrs,
             "replicas": [[r.node, r.segment, r.offset] for r in memory],
         }
+        if entry.checksum_kind is not DEFAULT_KIND:  # a CRC-32 from before XXH3-64
+            located["checksum_kind"] = str(entry.checksum_kind)
+        return located
 
     def _exists(self, data: dict[str, Any]) -> dict[str, Any]:
         return self._per_item(
@@ -1322,6 +1331,7 @@ class Master:
                     "dst_segment": target.segment,
                     "dst_offset": target.offset,
                     "length": entry.size,
+                    "checksum_kind": str(entry.checksum_kind),
                 },
             )
             try:

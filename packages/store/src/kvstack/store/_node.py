@@ -12,12 +12,12 @@ import os
 import queue
 import threading
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kvstack.store._checksum import checksum, parse_kind
 from kvstack.store._config import NodeConfig
 from kvstack.store._wire import MasterConnection, Op
 from kvstack.store.errors import StoreError
@@ -168,7 +168,8 @@ class StoreNode:
                 view = self._view(
                     str(task["dst_segment"]), int(task["dst_offset"]), int(task["length"])
                 )
-                result["checksum"] = zlib.crc32(view.data)
+                kind = parse_kind(task.get("checksum_kind"), what=f"copy task {task.get('id')}")
+                result["checksum"] = checksum(view.data, kind)
             elif kind == "demote":
                 view = self._view(str(task["segment"]), int(task["offset"]), int(task["length"]))
                 path = self._disk_path(str(task["file"]))

@@ -32,7 +32,9 @@ from kvstack.store.errors import (
 __all__ = ["HEADER", "MAGIC", "MasterConnection", "Op", "read_frame", "write_frame"]
 
 MAGIC = b"KVS1"
-VERSION = 1
+# 2: checksums are XXH3-64 (issue 4); a peer of version 1 would commit and verify CRC-32, so
+# it is refused with a ProtocolError instead of failing every checksum.
+VERSION = 2
 HEADER = struct.Struct("!4sBBHQI")
 FLAG_REPLY = 1
 FLAG_ERROR = 2
