@@ -171,19 +171,28 @@ def overhead_case(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = fetch_model_card(router.url)["id"]
         for kind in ("models", "completion"):
             samples: dict[str, list[float]] = {"direct": [], "router": []}
+            rounds: dict[str, list[np.ndarray]] = {"direct": [], "router": []}
             for _ in range(args.overhead_rounds):  # alternate, so drift hits both alike
                 for label, url in (("direct", workers[0].url), ("router", router.url)):
-                    samples[label] += asyncio.run(
+                    seconds = asyncio.run(
                         timed_requests(
                             url, kind, model, rate=args.rate, count=args.overhead_requests
                         )
                     )
+                    samples[label] += seconds
+                    rounds[label].append(np.asarray(seconds) * 1e3)
             ms = {k: np.asarray(v) * 1e3 for k, v in samples.items()}
             for q in (50, 99):
                 direct, routed = (
                     float(np.percentile(ms["direct"], q)),
                     float(np.percentile(ms["router"], q)),
                 )
+                # Each round's added latency (router round minus the direct round before it):
+                # the spread says how much of the difference is the 2-core box's noise.
+                per_round = [
+                    float(np.percentile(r, q) - np.percentile(d, q))
+                    for d, r in zip(rounds["direct"], rounds["router"], strict=True)
+                ]
                 added_limit = 1.0 if q == 50 else 5.0  # issue 7: <= 1 ms p50, <= 5 ms p99 added
                 what = "GET /v1/models" if kind == "models" else "1-token completion"
                 entry = result_entry(
@@ -199,6 +208,7 @@ def overhead_case(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "rate_req_s": args.rate,
                         "requests_per_side": len(samples["direct"]),
                         "added_ms": routed - direct,
+                        "added_ms_per_round": per_round,
                         "added_limit_ms": added_limit,
                     },
                 )
@@ -206,7 +216,8 @@ def overhead_case(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results.append(entry)
                 print(
                     f"{kind} p{q}: direct {direct:.2f} ms, router {routed:.2f} ms, "
-                    f"added {routed - direct:.2f} ms",
+                    f"added {routed - direct:.2f} ms "
+                    f"(rounds {min(per_round):.2f} .. {max(per_round):.2f})",
                     file=sys.stderr,
                 )
     finally:
@@ -265,7 +276,7 @@ def main() -> int:
         help="overhead: requests per phase (default: 400, quick 200)",
     )
     parser.add_argument(
-        "--overhead-rounds", type=int, default=2, help="overhead: direct/router rounds (default: 2)"
+        "--overhead-rounds", type=int, default=4, help="overhead: direct/router rounds (default: 4)"
     )
     parser.add_argument(
         "--skip", choices=["prefix", "overhead"], default=None, help="leave one case out"

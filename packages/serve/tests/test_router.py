@@ -26,6 +26,13 @@ import pytest
 from kvstack.serve import TRACE_HEADER, WORKER_HEADER, RouterConfig, ServerProcess, run_router
 
 IGNORE_EOS = {"ignore_eos": True}
+# FaultyWorker's chunked answers: (body, chunk size). "trickle": past the router's 64 KiB
+# read-ahead, so it pauses and resumes reading; "one_write": small enough that the headers and
+# every chunk arrive in one read, so the whole answer is in before the first chunk is taken.
+CHUNKED_ANSWERS = {
+    "trickle": (json.dumps({"id": "cmpl-t", "text": "x" * 300_000}).encode(), 7919),
+    "one_write": (json.dumps({"id": "cmpl-o", "text": "y" * 2000}).encode(), 97),
+}
 WAIT_S = 30.0
 # Long enough that the shared part spans many 16-character blocks of the router's tree and many
 # 16-token KV blocks of the workers (the tiny model's tokenizer is byte level).
@@ -118,7 +125,9 @@ def router(workers: list[str]) -> Iterator[RouterThread]:
 class FaultyWorker:
     """Answers GET /health with 200; each POST per ``mode``: ``silent`` closes the connection
     without a byte, ``mid_stream`` sends 200 and one SSE event then closes, ``short_body`` sends
-    a JSON response cut short, ``hang`` never answers. Records each POST's headers."""
+    a JSON response cut short, ``hang`` never answers, ``trickle`` and ``one_write`` answer 200
+    with ``connection: close`` and their ``CHUNKED_ANSWERS`` body in many chunks, written one by
+    one or all at once. Records each POST's headers."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -169,6 +178,20 @@ class FaultyWorker:
             )
         elif self.mode == "hang":
             self._release.wait(WAIT_S)
+        elif self.mode in ("trickle", "one_write"):
+            parts = [
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"x-kvstack-extra: not relayed\r\n"
+                b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+            ]
+            body, size = CHUNKED_ANSWERS[self.mode]
+            for i in range(0, len(body), size):
+                piece = body[i : i + size]
+                parts.append(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            parts.append(b"0\r\n\r\n")
+            for part in parts if self.mode == "trickle" else [b"".join(parts)]:
+                out.write(part)
+                out.flush()
         out.flush()
 
     def close(self) -> None:
@@ -419,6 +442,25 @@ def test_a_body_cut_short_is_an_error_not_a_success(faulty: FaultyWorker) -> Non
         with pytest.raises(openai.APIError):
             client.completions.create(model="tiny", prompt="cut me", max_tokens=2)
         assert len(faulty.posts) == 1
+
+
+@pytest.mark.parametrize("faulty", ["trickle", "one_write"], indirect=True)
+def test_a_chunked_answer_is_relayed_whole_on_fresh_connections(
+    faulty: FaultyWorker,
+) -> None:
+    with RouterThread([faulty.url]) as router:
+        for i in range(3):  # each answer says connection: close; the next needs a new one
+            response = httpx2.post(
+                f"{router.url}/v1/completions",
+                json={"model": "tiny", "prompt": f"big {i}", "max_tokens": 2},
+                timeout=WAIT_S,
+            )
+            assert response.status_code == 200
+            assert response.content == CHUNKED_ANSWERS[faulty.mode][0]
+            assert response.headers["content-type"] == "application/json"
+            assert "x-kvstack-extra" not in response.headers  # only the listed headers relay
+        assert len(faulty.posts) == 3
+        assert metric(router.url, "kvstack_router_upstream_failures_total", worker=faulty.url) == 0
 
 
 @pytest.mark.parametrize("faulty", ["hang"], indirect=True)

@@ -277,7 +277,12 @@ class AsyncEngine:
         try:
             while True:
                 with self._cv:
-                    while not (self._commands or self.engine.has_unfinished() or self._stopping):
+                    # A stalled engine (blocks held by handoffs) waits for a command too.
+                    while not (
+                        self._commands
+                        or (self.engine.has_unfinished() and not self.engine.stalled)
+                        or self._stopping
+                    ):
                         self._cv.wait(_IDLE_WAIT_S)
                     commands: list[_Command] = self._commands
                     self._commands = []

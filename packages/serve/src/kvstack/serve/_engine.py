@@ -124,6 +124,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}  # finished prefills whose blocks a handoff reads
         self.last_step: StepTiming | None = None
+        self.stalled = False  # the last step could not run: blocks are held by handoffs
         logger.info(
             "engine ready: %s on %s/%s, %d blocks of %d tokens, max_model_len %d, attention %s",
             loaded.name,
@@ -261,9 +262,15 @@ class LLMEngine:
         """Schedule, run one forward pass, sample; returns what each sampled request produced."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.stalled = False
         if not batch.items:
             if self.scheduler.waiting and not self.scheduler.running:
-                raise EngineError("scheduler made no progress with requests waiting")
+                handoffs = self._held or len(self._requests) > len(self.scheduler.waiting)
+                if not handoffs:
+                    raise EngineError("scheduler made no progress with requests waiting")
+                # The free blocks are held by handoffs (reserved or held prefills): only their
+                # end (an activate, abort or release command) can unblock the queue.
+                self.stalled = True
             return []
         bs = self.config.block_size
         tokens: list[int] = []

@@ -31,17 +31,22 @@ histograms.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
+import re
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import httpx2
+import httptools
 import uvicorn
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,7 +57,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -257,12 +262,221 @@ class _Breaker:
             self._opened_at = now
 
 
+# ---- the connections to the workers ---------------------------------------------------------
+#
+# A small HTTP/1.1 client of our own (asyncio protocol, httptools parser) instead of httpx2: per
+# request httpx2 spent ~1 ms of router CPU on the 2-core box (URL and header models, h11, anyio,
+# the pool's bookkeeping), about 70% of the router's whole cost and most of its added latency
+# (issue 7, benchmark 4; profiled with cProfile on process time, measured with bench_router.py).
+
+_IDLE_EXPIRY_S = 4.0  # under uvicorn's 5 s keep-alive timeout: we drop an idle connection first
+_MAX_IDLE_PER_WORKER = 256
+_HIGH_WATER_BYTES = 1 << 16  # unread body bytes at which a connection stops reading
+_UNSAFE_HEADER_VALUE = re.compile(r"[\r\n\0]")
+
+
+class _WireError(Exception):
+    """A connection to a worker failed: not made, closed or reset early, or a malformed answer."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a worker, one exchange at a time.
+
+    An exchange that fails or is abandoned before its last byte closes the connection, so a
+    half-read answer is never mistaken for the next one. Errors name no peer: the caller wraps
+    them in an UpstreamError that names the worker."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.keep_alive = False
+        self.complete = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._busy = False
+        self._headers_done = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: _WireError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio sets it too; said here because Nagle plus the worker's delayed ACK costs
+            # ~40 ms a request on a reused connection (see _server.bind_socket).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy:
+            self._fail(f"{len(data)} bytes arrived on an idle connection")
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"malformed answer: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._error is None and self._busy and not self.complete:
+            how = f"reset ({exc!r})" if exc is not None else "closed by the worker"
+            stage = "after the headers" if self._headers_done else "before an answer"
+            self._error = _WireError(f"connection {how} {stage}")
+        self._wake()
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        self._headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if body:
+            self._chunks.append(body)
+            self._buffered += len(body)
+            if self._buffered > _HIGH_WATER_BYTES and not self._paused and self.transport:
+                self._paused = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- one exchange
+
+    @property
+    def drained(self) -> bool:
+        """Whether the whole answer is in and every chunk of it was read."""
+        return self.complete and not self._chunks
+
+    async def start(self, request: bytes) -> None:
+        """Send ``request`` (whole) and wait for the answer's status and headers."""
+        if self.transport is None or self.closed:
+            raise _WireError("connection closed")
+        self._busy, self._headers_done, self.complete = True, False, False
+        self.status = 0
+        self.headers = {}
+        self.transport.write(request)
+        while not self._headers_done:
+            await self._wait()
+
+    async def read(self) -> bytes:
+        """The next body chunk; ``b""`` once the answer is complete."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            await self._wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= _HIGH_WATER_BYTES // 4 and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def finish(self, now: float) -> bool:
+        """End the exchange; whether the connection can take another (else it is closed)."""
+        reusable = self.drained and self.keep_alive and not self.closed and self._error is None
+        self._busy = False
+        if reusable:
+            self.idle_since = now
+        else:
+            self.close()
+        return reusable
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise _WireError("connection closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = _WireError(reason)
+        self.close()
+        self._wake()
+
+
+class _Answer:
+    """A worker's answer: status and headers in hand, the body read chunk by chunk; ``close()``
+    hands the connection back to its worker's pool (or closes it if the body was not read)."""
+
+    __slots__ = ("_conn", "_worker", "headers", "status_code")
+
+    def __init__(self, conn: _Connection, worker: _Worker) -> None:
+        self._conn = conn
+        self._worker = worker
+        self.status_code = conn.status
+        self.headers = conn.headers
+
+    @property
+    def drained(self) -> bool:
+        """Whether the whole body is in and was read."""
+        return self._conn.drained
+
+    async def read(self) -> bytes:
+        """The next body chunk; ``b""`` at the end; _WireError if the connection fails."""
+        return await self._conn.read()
+
+    async def aread(self) -> bytes:
+        """The rest of the body."""
+        parts = []
+        while chunk := await self._conn.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        conn, idle = self._conn, self._worker.idle
+        if conn.finish(time.monotonic()) and len(idle) < _MAX_IDLE_PER_WORKER:
+            idle.append(conn)
+        elif not conn.closed:
+            conn.close()
+
+
 class _Worker:
-    def __init__(self, url: str, index: int, breaker: _Breaker) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, index: int, breaker: _Breaker, metrics: RouterMetrics) -> None:
+        self.url = url
         self.index = index
         self.breaker = breaker
         self.in_flight = 0
+        self.in_flight_gauge = metrics.in_flight.labels(url)
+        self.breaker_gauge = metrics.breaker_state.labels(url)
+        parts = urlsplit(self.url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.path_prefix = parts.path
+        self.idle: list[_Connection] = []  # keep-alive connections, the most recent last
 
 
 class RouterMetrics:
@@ -336,6 +550,26 @@ class RouterMetrics:
         for url in workers:
             self.breaker_state.labels(url).set(0)
             self.in_flight.labels(url).set(0)
+        # Children looked up once: labels() takes a lock and hashes the labels on every call.
+        self.phase_queue = self.phase.labels("queue")
+        self.phase_first_token = self.phase.labels("first_token")
+        self.phase_decode = self.phase.labels("decode")
+        self._requests: dict[tuple[str, str], Counter] = {}
+        self._decisions: dict[str, Counter] = {}
+
+    def count_request(self, worker: str, status: str) -> None:
+        """One answered request, by the worker that answered (or 'none') and its status."""
+        child = self._requests.get((worker, status))
+        if child is None:
+            child = self._requests[worker, status] = self.requests.labels(worker, status)
+        child.inc()
+
+    def count_decision(self, outcome: str) -> None:
+        """One cache_aware choice: hit, miss or imbalanced."""
+        child = self._decisions.get(outcome)
+        if child is None:
+            child = self._decisions[outcome] = self.decisions.labels(outcome)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -344,10 +578,8 @@ class RouterMetrics:
 @dataclass(slots=True)
 class _Upstream:
     worker: _Worker
-    response: httpx2.Response
-    chunks: AsyncIterator[bytes]
+    response: _Answer
     first: bytes
-    prefill: _Worker | None = None  # PD mode: the prefill worker of the pair
     first_byte_s: float = 0.0  # perf_counter when the first body chunk was in hand
 
 
@@ -373,6 +605,8 @@ class Router:
     ) -> None:
         self.config = config
         self._on_ready = on_ready
+        urls = [url.rstrip("/") for url in config.all_workers]
+        self.metrics = RouterMetrics(urls)
         self.workers = [
             _Worker(
                 url,
@@ -381,8 +615,9 @@ class Router:
                     failure_threshold=config.breaker_failure_threshold,
                     cooldown_s=config.breaker_cooldown_s,
                 ),
+                self.metrics,
             )
-            for i, url in enumerate(config.all_workers)
+            for i, url in enumerate(urls)
         ]
         # Colocated mode: every worker takes requests. PD mode: the policy picks among the
         # prefill workers, and decode workers are picked by load.
@@ -398,8 +633,8 @@ class Router:
             max_nodes_per_tenant=config.max_tree_nodes,
             seed=config.seed,
         )
-        self.metrics = RouterMetrics([w.url for w in self.workers])
-        self._client: httpx2.AsyncClient | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._started = False
         self._health_task: asyncio.Task[None] | None = None
         self.app = Starlette(
             routes=[
@@ -427,37 +662,74 @@ class Router:
             await self.close()
 
     async def start(self) -> None:
-        """Open the connection pool and start the health loop."""
-        if self._client is not None:
+        """Start the health loop (connections to the workers open on demand)."""
+        if self._started:
             return
-        timeout = httpx2.Timeout(
-            self.config.request_timeout_s, connect=self.config.connect_timeout_s
-        )
-        limits = httpx2.Limits(max_connections=None, max_keepalive_connections=256)
-        self._client = httpx2.AsyncClient(timeout=timeout, limits=limits)
+        self._started = True
         self._health_task = asyncio.create_task(self._health_loop(), name="kvstack-router-health")
 
     async def close(self) -> None:
-        """Stop the health loop and close the pool."""
+        """Stop the health loop and close the idle connections."""
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for w in self.workers:
+            while w.idle:
+                w.idle.pop().close()
+        self._started = False
 
-    @property
-    def client(self) -> httpx2.AsyncClient:
-        if self._client is None:
-            raise RuntimeError("Router.start() was not awaited")
-        return self._client
+    # ---- connections -----------------------------------------------------------------------
+
+    async def _connect(self, worker: _Worker) -> _Connection:
+        """An idle keep-alive connection to ``worker``, or a new one; _WireError if none."""
+        now = time.monotonic()
+        while worker.idle:
+            conn = worker.idle.pop()
+            if not conn.closed and now - conn.idle_since < _IDLE_EXPIRY_S:
+                return conn
+            conn.close()
+        if worker.tls and self._tls is None:
+            self._tls = ssl.create_default_context()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    worker.host,
+                    worker.port,
+                    ssl=self._tls if worker.tls else None,
+                    server_hostname=worker.host if worker.tls else None,
+                )
+        except TimeoutError as exc:
+            raise _WireError(f"connect timed out after {self.config.connect_timeout_s} s") from exc
+        except OSError as exc:
+            raise _WireError(f"connect failed: {exc!r}") from exc
+        return conn
+
+    async def _send(
+        self, worker: _Worker, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> _Answer:
+        """Send one request to ``worker``; the answer once its status and headers are in."""
+        lines = [f"{method} {worker.path_prefix}{path} HTTP/1.1\r\nhost: {worker.host_header}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if body or method == "POST":
+            lines.append(f"content-length: {len(body)}\r\n")
+        lines.append("\r\n")
+        request = "".join(lines).encode("latin-1") + body
+        conn = await self._connect(worker)
+        try:
+            await conn.start(request)
+        except BaseException:
+            conn.close()
+            raise
+        return _Answer(conn, worker)
 
     # ---- worker state ----------------------------------------------------------------------
 
     def _set_breaker_gauge(self, worker: _Worker) -> None:
-        self.metrics.breaker_state.labels(worker.url).set(_BREAKER_GAUGE[worker.breaker.state])
+        worker.breaker_gauge.set(_BREAKER_GAUGE[worker.breaker.state])
 
     def _fail(self, worker: _Worker, reason: str) -> None:
         before = worker.breaker.state
@@ -475,13 +747,19 @@ class Router:
 
     async def _probe(self, worker: _Worker) -> None:
         try:
-            response = await self.client.get(
-                f"{worker.url}/health", timeout=self.config.health_check_timeout_s
-            )
-            healthy = response.status_code == 200
-            reason = f"health probe answered {response.status_code}"
-        except httpx2.HTTPError as exc:
-            healthy, reason = False, f"health probe failed: {type(exc).__name__}: {exc}"
+            async with asyncio.timeout(self.config.health_check_timeout_s):
+                answer = await self._send(worker, "GET", "/health", b"", {})
+                try:
+                    await answer.aread()
+                finally:
+                    answer.close()
+            healthy = answer.status_code == 200
+            reason = f"health probe answered {answer.status_code}"
+        except TimeoutError:
+            healthy = False
+            reason = f"health probe timed out after {self.config.health_check_timeout_s} s"
+        except _WireError as exc:
+            healthy, reason = False, f"health probe failed: {exc}"
         if healthy:
             worker.breaker.on_probe_success()
             self._set_breaker_gauge(worker)
@@ -491,6 +769,12 @@ class Router:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.gather(*(self._probe(w) for w in self.workers))
+            now = time.monotonic()
+            for w in self.workers:  # close connections that sat idle past their expiry
+                stale = [c for c in w.idle if c.closed or now - c.idle_since >= _IDLE_EXPIRY_S]
+                for conn in stale:
+                    w.idle.remove(conn)
+                    conn.close()
             await asyncio.sleep(self.config.health_check_interval_s)
 
     def _pick(self, key: list[int], tried: set[str]) -> tuple[_Worker, _Worker | None]:
@@ -508,7 +792,7 @@ class Router:
         loads = [WorkerLoad(w.url, w.in_flight, w.index) for w in fresh]
         chosen = self.workers[self.policy.select(loads, key).index]
         if isinstance(self.policy, CacheAwarePolicy):
-            self.metrics.decisions.labels(self.policy.last_outcome).inc()
+            self.metrics.count_decision(self.policy.last_outcome)
         prefill: _Worker | None = None
         if self.config.pd:
             decoders = [w for w in self.decode_workers if w.breaker.available(now)]
@@ -536,13 +820,10 @@ class Router:
         self, worker: _Worker, method: str, path: str, body: bytes, headers: dict[str, str]
     ) -> _Upstream:
         """Send to ``worker`` and wait for its status and first body chunk; UpstreamError else."""
-        request = self.client.build_request(
-            method, f"{worker.url}{path}", content=body or None, headers=headers
-        )
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx2.HTTPError as exc:
-            raise UpstreamError(worker.url, f"{type(exc).__name__}: {exc}") from exc
+            response = await self._send(worker, method, path, body, headers)
+        except _WireError as exc:
+            raise UpstreamError(worker.url, str(exc)) from exc
         try:
             if response.status_code in _RETRYABLE_STATUSES:
                 raw = await response.aread()
@@ -551,20 +832,25 @@ class Router:
                     code = f" {json.loads(raw)['error']['code']}"
                 detail = raw[:300].decode(errors="replace")
                 raise UpstreamError(worker.url, f"HTTP {response.status_code}{code}: {detail}")
-            chunks = response.aiter_raw()
-            first = await anext(chunks, b"")
-        except httpx2.HTTPError as exc:
-            await response.aclose()
-            raise UpstreamError(worker.url, f"{type(exc).__name__}: {exc}") from exc
+            first = await response.read()
+        except _WireError as exc:
+            response.close()
+            raise UpstreamError(worker.url, str(exc)) from exc
         except BaseException:
-            await response.aclose()
+            response.close()
             raise
-        return _Upstream(worker, response, chunks, first)
+        return _Upstream(worker, response, first)
 
     async def _forward(self, request: Request, method: str, path: str) -> Response:
         started = time.perf_counter()
-        trace_id = request.headers.get(TRACE_HEADER) or uuid.uuid4().hex
-        body = await request.body()
+        trace_id = request.headers.get(TRACE_HEADER)
+        if not trace_id or _UNSAFE_HEADER_VALUE.search(trace_id):
+            trace_id = uuid.uuid4().hex
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its body was in: nothing to forward or answer
+            self.metrics.count_request("none", "499")  # nginx's "client closed request"
+            return Response(status_code=499)
         key: list[int] = []
         if body:
             with contextlib.suppress(ValueError):  # a bad body goes through: the worker says why
@@ -617,21 +903,23 @@ class Router:
                     except BaseException:
                         self._release(worker, prefill)
                         raise
-                    upstream.prefill = prefill
                     if prefill is not None:
+                        # The handoff ended before the decode worker's first byte: the prefill
+                        # worker's share of this request is done (its load counts no longer).
                         self._succeed(prefill)
+                        self._release(prefill)
                     break
         except TimeoutError:
             if upstream is not None:  # the deadline fired just as the worker answered
-                await upstream.response.aclose()
-                self._release(upstream.worker, upstream.prefill)
+                upstream.response.close()
+                self._release(upstream.worker)
                 upstream = None
             error = RequestTimeout(trace_id, self.config.request_timeout_s)
         if upstream is None:
             if error is None:
                 error = NoWorkerAvailable(len(self.workers), "no attempt was made")
             response = _error_response(error, trace_id)
-            self.metrics.requests.labels("none", str(response.status_code)).inc()
+            self.metrics.count_request("none", str(response.status_code))
             self.metrics.duration.observe(time.perf_counter() - started)
             return response
         self._succeed(upstream.worker)
@@ -644,23 +932,23 @@ class Router:
         for w in (worker, prefill):
             if w is not None:
                 w.in_flight += 1
-                self.metrics.in_flight.labels(w.url).set(w.in_flight)
+                w.in_flight_gauge.set(w.in_flight)
 
     def _release(self, worker: _Worker, prefill: _Worker | None = None) -> None:
         for w in (worker, prefill):
             if w is not None:
                 w.in_flight -= 1
-                self.metrics.in_flight.labels(w.url).set(w.in_flight)
+                w.in_flight_gauge.set(w.in_flight)
 
     def _observe_phases(self, upstream: _Upstream, started: float, dispatched: float) -> None:
-        phase = self.metrics.phase
         now = time.perf_counter()
         upstream.first_byte_s = now
-        phase.labels("queue").observe(dispatched - started)
-        phase.labels("first_token").observe(now - started)
+        self.metrics.phase_queue.observe(dispatched - started)
+        self.metrics.phase_first_token.observe(now - started)
         text = upstream.response.headers.get(TIMINGS_HEADER)
         timings = HandoffTimings.parse(text) if text else None
         if timings is not None:
+            phase = self.metrics.phase
             phase.labels("alloc_wait").observe(timings.alloc_wait_s)
             phase.labels("handshake").observe(timings.handshake_s)
             phase.labels("prefill").observe(timings.prefill_s)
@@ -683,26 +971,28 @@ class Router:
         parts = [upstream.first]
         error: ServeError | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                async for chunk in upstream.chunks:
-                    parts.append(chunk)
-        except httpx2.HTTPError as exc:
-            error = UpstreamError(worker.url, f"cut mid-response: {exc!r}")
+            if not response.drained:  # else the first chunk was the whole body
+                async with asyncio.timeout_at(deadline):
+                    while chunk := await response.read():
+                        parts.append(chunk)
+        except _WireError as exc:
+            error = UpstreamError(worker.url, f"cut mid-response: {exc}")
             self._fail(worker, error.reason)
         except TimeoutError:
             error = RequestTimeout(trace_id, self.config.request_timeout_s)
         finally:
-            await response.aclose()
-            self._release(worker, upstream.prefill)
-        self.metrics.duration.observe(time.perf_counter() - started)
-        self.metrics.phase.labels("decode").observe(time.perf_counter() - upstream.first_byte_s)
+            response.close()
+            self._release(worker)
+        now = time.perf_counter()
+        self.metrics.duration.observe(now - started)
+        self.metrics.phase_decode.observe(now - upstream.first_byte_s)
         if error is not None:
             # Nothing reached the client yet, but the worker did run the request: answer the
             # error rather than run it twice (a retry here would double the worker's load).
             logger.warning("trace %s: %s", trace_id, error)
-            self.metrics.requests.labels(worker.url, "aborted").inc()
+            self.metrics.count_request(worker.url, "aborted")
             return _error_response(error, trace_id)
-        self.metrics.requests.labels(worker.url, str(response.status_code)).inc()
+        self.metrics.count_request(worker.url, str(response.status_code))
         headers = self._headers(upstream, trace_id)
         headers.pop("content-length", None)  # Response sets it from the body
         return Response(b"".join(parts), status_code=response.status_code, headers=headers)
@@ -719,30 +1009,30 @@ class Router:
                     yield upstream.first
                 try:
                     async with asyncio.timeout_at(deadline):
-                        async for chunk in upstream.chunks:
+                        while chunk := await response.read():
                             yield chunk
-                except (httpx2.HTTPError, TimeoutError) as exc:
+                except (_WireError, TimeoutError) as exc:
                     if isinstance(exc, TimeoutError):
                         failure: ServeError = RequestTimeout(
                             trace_id, self.config.request_timeout_s
                         )
                     else:
-                        failure = UpstreamError(worker.url, f"cut mid-response: {exc!r}")
+                        failure = UpstreamError(worker.url, f"cut mid-response: {exc}")
                         self._fail(worker, failure.reason)
                     logger.warning("trace %s: %s", trace_id, failure)
-                    self.metrics.requests.labels(worker.url, "aborted").inc()
+                    self.metrics.count_request(worker.url, "aborted")
                     event = error_body(str(failure), kind="server_error", param=None, code=None)
                     yield f"data: {json.dumps(event)}\n\n".encode()
                     # Raising cuts the connection without a clean end of body: the client sees an
                     # error, never a truncated answer that looks complete.
                     raise failure from exc
-                self.metrics.requests.labels(worker.url, str(status)).inc()
+                self.metrics.count_request(worker.url, str(status))
             finally:
-                await response.aclose()
-                self._release(worker, upstream.prefill)
+                response.close()
+                self._release(worker)
                 now = time.perf_counter()
                 self.metrics.duration.observe(now - started)
-                self.metrics.phase.labels("decode").observe(now - upstream.first_byte_s)
+                self.metrics.phase_decode.observe(now - upstream.first_byte_s)
 
         return StreamingResponse(
             relay(), status_code=status, headers=self._headers(upstream, trace_id)
@@ -822,7 +1112,11 @@ async def run_router(
     router = Router(config, on_ready=announce)
     server = uvicorn.Server(
         uvicorn.Config(
-            router.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5
+            router.app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            http="httptools",  # uvicorn's C parser, not h11: less CPU per request (issue 7)
         )
     )
 
