@@ -69,6 +69,7 @@ def copy_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
         monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
         monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)
+        monkeypatch.setattr(_memory, "_RANGES_MIN_AVERAGE_BYTES", 0)
         monkeypatch.setattr(_memory, "_RANGES_CHUNK_BYTES", 20 * KiB)
     else:
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 1)

@@ -168,6 +168,7 @@ def test_page_batch_with_runs_byte_for_byte(
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
         monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
         monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)
+        monkeypatch.setattr(_memory, "_RANGES_MIN_AVERAGE_BYTES", 0)
         monkeypatch.setattr(_memory, "_RANGES_CHUNK_BYTES", 40 << 10)
     page = 16 << 10
     rng = np.random.default_rng(21)
