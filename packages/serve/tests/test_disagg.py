@@ -6,14 +6,26 @@ the HTTP flow, failures and the router are in test_pd_cluster.py.
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+
 import pytest
 import torch
 
 from kvstack.serve import EngineConfig, LLMEngine, LoadedModel, SamplingParams
-from kvstack.serve._disagg import HandoffTimings, KVLayout, coalesce_runs
+from kvstack.serve._async_engine import AsyncEngine
+from kvstack.serve._disagg import (
+    HandoffTimings,
+    KVLayout,
+    KVSpace,
+    PrefillService,
+    coalesce_runs,
+)
+from kvstack.serve._engine import kv_cache_size
 from kvstack.serve._kv_cache import chain_hashes
 from kvstack.serve._store_cache import store_key
-from kvstack.serve.errors import InvalidRequest, KVLayoutMismatch
+from kvstack.serve.errors import HandoffError, InvalidRequest, KVLayoutMismatch
 from kvstack.store import StoreClient
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -196,3 +208,66 @@ def test_smollm2_handoff_and_store_paths_match_colocated(smollm2: LoadedModel) -
         assert second.generate(prompts, GREEDY) == colocated
         assert second.stats().store_hit_tokens > 0
         second.close()
+
+
+def _service(tiny: LoadedModel, metadata: str) -> tuple[AsyncEngine, KVSpace, PrefillService]:
+    config = EngineConfig(num_blocks=32, max_num_batched_tokens=64)
+    num_blocks, block_nbytes = kv_cache_size(tiny, config)
+    space = KVSpace.create(metadata, nbytes=num_blocks * block_nbytes, device=torch.device("cpu"))
+    engine = AsyncEngine(LLMEngine(tiny, config, kv_memory=space.memory))
+    engine.start()
+    return engine, space, PrefillService(engine, space, push_timeout_s=5.0)
+
+
+def test_prefill_service_pushes_refuses_and_aborts(tiny: LoadedModel) -> None:
+    # Real engines and a real transfer engine pair (shared memory), driven without HTTP.
+    metadata = f"memory://pd-{uuid.uuid4().hex}"
+    engine, space, service = _service(tiny, metadata)
+    decode_engine, decode_space, decode_service = _service(tiny, metadata)
+    layout = {k: getattr(service.layout, k) for k in KVLayout.__dataclass_fields__}
+    prompt = list(range(40, 90))
+
+    def handshake(request_id: str, blocks: list[int]) -> dict[str, object]:
+        return {
+            "request_id": request_id,
+            "prompt_token_ids": prompt,
+            "layout": layout,
+            "segment": decode_space.segment,
+            "block_ids": blocks,
+            "deadline_s": 5,
+        }
+
+    async def scenario() -> None:
+        answer = await service.handle(handshake("ok", [7, 8, 9, 10]))
+        assert answer["transfer_bytes"] == 4 * service.layout.block_nbytes
+        local = LLMEngine(tiny, EngineConfig(num_blocks=32, max_num_batched_tokens=64))
+        local.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+        for mine, theirs in zip(range(4), (7, 8, 9, 10), strict=True):
+            want = local.cache.blocks[mine]
+            got = decode_engine.engine.cache.blocks[theirs]
+            if mine < 3:  # full blocks; the last one holds 2 tokens and stale bytes after them
+                assert torch.equal(got, want)
+        # Aborted before its handshake arrives: the handshake is refused, nothing is held.
+        assert not await service.abort("late")
+        with pytest.raises(HandoffError, match="aborted"):
+            await service.handle(handshake("late", [0, 1, 2, 3]))
+        # Aborted while running: abort returns once nothing more can be written.
+        running = asyncio.create_task(service.handle(handshake("mid", [0, 1, 2, 3])))
+        await asyncio.sleep(0)
+        assert await service.abort("mid")
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        with pytest.raises(KVLayoutMismatch, match="block_size"):
+            await service.handle({**handshake("bad", [0]), "layout": {**layout, "block_size": 8}})
+
+    try:
+        asyncio.run(scenario())
+        deadline = time.monotonic() + 10
+        while engine.stats.num_held or engine.stats.kv.num_free_blocks != 32:
+            assert time.monotonic() < deadline, engine.stats
+            time.sleep(0.01)
+    finally:
+        for e, s, svc in ((engine, space, service), (decode_engine, decode_space, decode_service)):
+            svc.close()
+            e.close()
+            s.close()
