@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,5 +145,9 @@ def test_demo_runs_the_stack_and_shuts_down(
     assert "chat  user: What is the capital of France?" in printed
     assert "output throughput (tok/s)" in printed
     assert "ttft 1016-token prompt, prefix cached:" in printed  # capped by tiny's context
+    # The second prefill worker reads the first one's blocks from the store.
+    reuse = re.search(r"prefill worker 2, which read (\d+) tokens of KV from the store", printed)
+    assert reuse, printed[-2000:]
+    assert int(reuse.group(1)) >= 16 * 62
     assert "server stopped (exit code 0)" in printed
     load_bench_json(out)

@@ -56,6 +56,7 @@ __all__ = [
     "shared_prefix_dataset",
     "sharegpt_dataset",
     "summarize",
+    "token_range",
 ]
 
 SCHEMA_ID = "kvstack-bench/1"
@@ -109,7 +110,7 @@ class LoadConfig:
 # ---- datasets ----------------------------------------------------------------------------
 
 
-def _token_range(vocab_size: int) -> tuple[int, int]:
+def token_range(vocab_size: int) -> tuple[int, int]:
     # Skip the low ids (bytes or control tokens) of real vocabularies; byte vocabularies keep
     # printable bytes only.
     return (32, 127) if vocab_size <= 512 else (1000, min(vocab_size, 30000))
@@ -120,7 +121,7 @@ def random_dataset(
 ) -> list[BenchPrompt]:
     """Prompts of exactly ``input_len`` random token ids."""
     rng = np.random.default_rng(seed)
-    lo, hi = _token_range(vocab_size)
+    lo, hi = token_range(vocab_size)
     return [
         BenchPrompt(rng.integers(lo, hi, input_len).tolist(), output_len)
         for _ in range(num_prompts)
@@ -139,7 +140,7 @@ def shared_prefix_dataset(
 ) -> list[BenchPrompt]:
     """Groups of prompts sharing a long random prefix, each with its own suffix; shuffled."""
     rng = np.random.default_rng(seed)
-    lo, hi = _token_range(vocab_size)
+    lo, hi = token_range(vocab_size)
     prompts = []
     for _ in range(num_groups):
         prefix = rng.integers(lo, hi, prefix_len).tolist()
@@ -299,7 +300,7 @@ async def prefix_ttft_probe(
     """
     # A seed of its own, so probe prompts never share a prefix with the dataset's.
     rng = np.random.default_rng(seed + 7919)
-    lo, hi = _token_range(vocab_size)
+    lo, hi = token_range(vocab_size)
     config = LoadConfig(base_url=base_url, model=model, timeout_s=timeout_s)
     cold: list[float] = []
     cached: list[float] = []

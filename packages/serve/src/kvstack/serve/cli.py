@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -22,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 import httpx2
+import numpy as np
 import torch
 
 from kvstack.serve import _bench
@@ -762,17 +764,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     print(
-        f"starting the local stack on 127.0.0.1: {args.model}, 1 prefill + 1 decode worker, "
+        f"starting the local stack on 127.0.0.1: {args.model}, 2 prefill + 1 decode workers, "
         "the store (global prefix reuse) and the router ...",
         flush=True,
     )
-    up_args = ["--model", args.model, "--port", "0", "--prefill", "1", "--decode", "1"]
+    up_args = ["--model", args.model, "--port", "0", "--prefill", "2", "--decode", "1"]
     with ServerProcess.start(up_args, echo_stderr=args.verbose) as server:
         card = _bench.fetch_model_card(server.url)
         print(
             f"router ready at {server.url}, serving {card['id']} "
             f"(context {card['max_model_len']} tokens)\n"
-            f"  prefill {server.ready['prefill'][0]}, decode {server.ready['decode'][0]}, "
+            f"  prefill {', '.join(server.ready['prefill'])}, decode {server.ready['decode'][0]}, "
             f"store master {server.ready['store']}"
         )
         question = "What is the capital of France?"
@@ -810,6 +812,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         summaries, document = run_bench(bench_args)
         _print_results(summaries, document)
+        _cross_instance_probe(server, card)
         _print_pd_summary(server)
         if args.json is not None:
             args.json.write_text(json.dumps(document, indent=2) + "\n")
@@ -828,6 +831,51 @@ def _metric_sums(text: str, name: str) -> dict[str, float]:
             key, _, value = line[len(name) :].rpartition(" ")
             found[key] = float(value)
     return found
+
+
+def _store_blocks_written(url: str) -> float:
+    text = httpx2.get(f"{url}/metrics", timeout=10).text
+    found = _metric_sums(text, "kvstack_serve_store_blocks_total")
+    return sum(v for k, v in found.items() if 'direction="written"' in k)
+
+
+def _cross_instance_probe(cluster: ServerProcess, card: dict[str, Any]) -> None:
+    """One long prompt prefilled by the first prefill worker, then by the second one, which
+    reads its KV blocks from the store (the decode worker is told which prefill worker to use)."""
+    first, second = cluster.ready["prefill"][:2]
+    [decode] = cluster.ready["decode"]
+    vocab = int(card["vocab_size"])
+    low, high = _bench.token_range(vocab)
+    length = min(1024, int(card["max_model_len"]) - 8)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(low, high, length)]
+    body = {"model": card["id"], "prompt": prompt, "max_tokens": 1, "temperature": 0}
+
+    def timed(prefill_url: str) -> tuple[float, dict[str, Any]]:
+        started = time.perf_counter()
+        response = httpx2.post(
+            f"{decode}/v1/completions",
+            json=body,
+            headers={"x-kvstack-prefill": prefill_url},
+            timeout=300,
+        )
+        response.raise_for_status()
+        return time.perf_counter() - started, response.json()["usage"]
+
+    written = _store_blocks_written(first)
+    cold_s, _ = timed(first)
+    deadline = time.monotonic() + 60
+    while _store_blocks_written(first) < written + len(prompt) // 16 - 1:  # the write-back
+        if time.monotonic() > deadline:
+            print("cross-instance reuse: the store write-back did not finish in 60 s")
+            return
+        time.sleep(0.05)
+    warm_s, usage = timed(second)
+    from_store = usage["prompt_tokens_details"]["store_cached_tokens"]
+    print(
+        f"\ncross-instance reuse: a {length}-token prompt on prefill worker 1 took "
+        f"{cold_s * 1e3:.0f} ms to its first token; on prefill worker 2, which read {from_store} "
+        f"tokens of KV from the store, {warm_s * 1e3:.0f} ms ({cold_s / warm_s:.1f}x faster)"
+    )
 
 
 def _print_pd_summary(cluster: ServerProcess) -> None:
