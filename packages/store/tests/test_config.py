@@ -33,8 +33,22 @@ from kvstack.store import (
             lambda: ClientConfig(reply_spin_s=-1),
             "ClientConfig.reply_spin_s must be in 0..1 seconds, got -1",
         ),
+        (
+            lambda: MasterConfig(busy_poll_s=2),
+            "MasterConfig.busy_poll_s must be a number in [0, 1], got 2",
+        ),
     ],
-    ids=["port", "lease", "watermarks", "address", "memory", "timeout", "replicas", "spin"],
+    ids=[
+        "port",
+        "lease",
+        "watermarks",
+        "address",
+        "memory",
+        "timeout",
+        "replicas",
+        "spin",
+        "busy-poll",
+    ],
 )
 def test_bad_values_are_named(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ConfigError) as info:

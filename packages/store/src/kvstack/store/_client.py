@@ -407,8 +407,12 @@ class StoreClient:
             request["options"] = wire
         if attrs:
             request["attrs"] = attrs
+        digest: list[int] = []  # the checksum, computed while the master allocates
         reply = self._master.call(
-            Op.PUT_START, {"items": [request]}, timeout_s=self._left(deadline, "put")
+            Op.PUT_START,
+            {"items": [request]},
+            timeout_s=self._left(deadline, "put"),
+            while_waiting=lambda: digest.append(checksum(view.data)),
         )
         item = reply["items"][0]
         if "error" in item:
@@ -427,7 +431,7 @@ class StoreClient:
                 Op.PUT_ABORT, {"items": [{"put_id": put_id}]}, timeout_s=self._left(deadline, "put")
             )
             raise written
-        commit: dict[str, Any] = {"put_id": put_id, "checksum": checksum(view.data)}
+        commit: dict[str, Any] = {"put_id": put_id, "checksum": digest[0]}
         if written:
             commit["failed"] = written
         reply = self._master.call(

@@ -80,6 +80,10 @@ class MasterConfig:
     metrics_port: int | None = field(default_factory=_env.metrics_port)
     # Re-replicate objects that lost a replica (background, node-to-node copies).
     rereplicate: bool = True
+    # After each event the master polls this long before sleeping (see _master's
+    # _BusyPollSelector). 0 for a master sharing its process (and GIL) with other work; the
+    # master process (``kvstack-store master``) turns it on.
+    busy_poll_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -101,6 +105,10 @@ class MasterConfig:
             raise ConfigError(
                 f"MasterConfig.redis_url must look like 'redis://host:port/db', got "
                 f"{self.redis_url!r}"
+            )
+        if not (isinstance(self.busy_poll_s, int | float) and 0 <= self.busy_poll_s <= 1):
+            raise ConfigError(
+                f"MasterConfig.busy_poll_s must be a number in [0, 1], got {self.busy_poll_s!r}"
             )
         if self.snapshot_every < 1:
             raise ConfigError(

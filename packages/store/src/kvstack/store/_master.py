@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import selectors
 import sys
 import threading
 import time
@@ -1359,9 +1361,45 @@ class Master:
             self._rereplicating.discard(entry.key)
 
 
+class _BusyPollSelector(selectors.DefaultSelector):
+    """Polls without sleeping for ``busy_poll_s`` before it blocks in the kernel.
+
+    A master that sleeps in epoll between requests is woken by each one: on the 2-core VM box
+    that wake-up (and the cold caches after it) cost ~20 us of every round trip (asyncio echo
+    server, client working 30 us between requests: p50 31-40 us sleeping, 9 us polling;
+    issue 4). Polling stops after ``busy_poll_s`` of silence, so an idle master sleeps.
+    """
+
+    def __init__(self, busy_poll_s: float) -> None:
+        super().__init__()
+        self._busy_poll_s = busy_poll_s
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or (timeout is not None and timeout <= 0):
+            return ready
+        now = time.perf_counter()
+        spin = self._busy_poll_s if timeout is None else min(self._busy_poll_s, timeout)
+        until = now + spin
+        while now < until:
+            os.sched_yield()  # a client on this CPU (2-core boxes) runs first
+            ready = super().select(0)
+            if ready:
+                return ready
+            now = time.perf_counter()
+        return super().select(None if timeout is None else max(timeout - spin, 0.0))
+
+
+def new_master_loop(config: MasterConfig) -> asyncio.AbstractEventLoop:
+    """The master's event loop: busy-polling when ``config.busy_poll_s`` is set."""
+    if config.busy_poll_s <= 0:
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(_BusyPollSelector(config.busy_poll_s))
+
+
 def run_master_in_thread(config: MasterConfig) -> tuple[Master, Callable[[], None]]:
     """Start a Master on its own thread and event loop; returns (master, stop)."""
-    loop = asyncio.new_event_loop()
+    loop = new_master_loop(config)
     master = Master(config)
     started = threading.Event()
     failure: list[BaseException] = []

@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from enum import IntEnum
 from typing import Any
@@ -170,10 +171,19 @@ class _Socket:
         self._view = memoryview(self._buf)
         self.last_used = time.monotonic()
 
-    def call(self, op: int, payload: bytes, *, timeout_s: float) -> tuple[int, bytes]:
+    def call(
+        self,
+        op: int,
+        payload: bytes,
+        *,
+        timeout_s: float,
+        while_waiting: Callable[[], object] | None = None,
+    ) -> tuple[int, bytes]:
         request_id = next(self._ids)
         deadline = time.monotonic() + timeout_s
         self._send(pack(op, request_id, payload), deadline)
+        if while_waiting is not None:
+            while_waiting()
         buf = self._buf
         got = self._fill(self._view, 0, HEADER.size, deadline)
         r_op, flags, r_id, length = parse_header(bytes(buf[: HEADER.size]), peer=self.peer)
@@ -314,10 +324,16 @@ class MasterConnection:
         except OSError as exc:
             raise MasterUnavailable(self.address, reason=str(exc) or type(exc).__name__) from exc
 
-    def _exchange(self, op: Op, payload: bytes, timeout_s: float) -> tuple[int, bytes]:
+    def _exchange(
+        self,
+        op: Op,
+        payload: bytes,
+        timeout_s: float,
+        while_waiting: Callable[[], object] | None = None,
+    ) -> tuple[int, bytes]:
         sock = self._take(timeout_s)
         try:
-            reply = sock.call(op, payload, timeout_s=timeout_s)
+            reply = sock.call(op, payload, timeout_s=timeout_s, while_waiting=while_waiting)
         except BaseException:
             sock.close()  # a half-read stream is never reused
             raise
@@ -329,16 +345,28 @@ class MasterConnection:
                 self._idle.append(sock)
         return reply
 
-    def call(self, op: Op, data: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-        """Send ``data`` as op; return the reply payload or raise the master's error."""
+    def call(
+        self,
+        op: Op,
+        data: dict[str, Any],
+        *,
+        timeout_s: float,
+        while_waiting: Callable[[], object] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``data`` as op; return the reply payload or raise the master's error.
+
+        ``while_waiting`` runs once the request is sent, before the reply is read: work that
+        overlaps the master's (a put's checksum overlaps its PUT_START).
+        """
         payload = encode(data)
         try:
             try:
-                flags, body = self._exchange(op, payload, timeout_s)
+                flags, body = self._exchange(op, payload, timeout_s, while_waiting)
             except _Stale:
                 # A pooled connection the master closed while idle (it restarted): the
                 # request never reached a live master, so it is safe to send it on a new one.
-                flags, body = self._exchange(op, payload, timeout_s)
+                # (_take raised before anything was sent: while_waiting has not run.)
+                flags, body = self._exchange(op, payload, timeout_s, while_waiting)
         except TimeoutError as exc:
             raise StoreTimeout(
                 f"{op.name} request to master {self.address}", timeout_s=timeout_s

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from kvstack.store import _env
 from kvstack.store._bench import format_table, run_bench
 from kvstack.store._config import ClientConfig, MasterConfig, NodeConfig, parse_size
-from kvstack.store._master import Master
+from kvstack.store._master import Master, new_master_loop
 from kvstack.store._node import StoreNode
 from kvstack.store._wire import MasterConnection, Op
 from kvstack.store.errors import StoreError
@@ -23,6 +23,10 @@ from kvstack.store.errors import StoreError
 __all__ = ["main"]
 
 logger = logging.getLogger("kvstack.store.cli")
+
+# The master process polls this long after each request before sleeping: a request that
+# follows within it skips the wake-up (issue 4, see _master._BusyPollSelector).
+_BUSY_POLL_US = 200.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_env.metrics_port(),
         help=f"Prometheus exporter port (default ${_env.METRICS_PORT_VAR}; unset: none)",
     )
+    master.add_argument(
+        "--busy-poll-us",
+        type=float,
+        default=_BUSY_POLL_US,
+        help="microseconds to poll for the next request before sleeping; 0 never polls "
+        f"(default {_BUSY_POLL_US:g})",
+    )
 
     node = sub.add_parser("node", help="run a storage node contributing memory (and disk)")
     node.add_argument(
@@ -116,6 +127,7 @@ def _master(args: argparse.Namespace) -> int:
         high_watermark=args.high_watermark,
         low_watermark=args.low_watermark,
         metrics_port=args.metrics_port,
+        busy_poll_s=args.busy_poll_us / 1e6,
     )
 
     async def serve() -> None:
@@ -133,8 +145,11 @@ def _master(args: argparse.Namespace) -> int:
         finally:
             await master.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=lambda: new_master_loop(config)) as runner,
+    ):
+        runner.run(serve())
     return 0
 
 
