@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvstack.transfer import Engine, EngineConfig
+from kvstack.transfer import Engine, EngineConfig, _env, _native
 from kvstack.transfer._peer import PeerProcess
 from tools.testing.redis_server import redis_server
 
@@ -89,3 +90,25 @@ def engine(metadata_url: str) -> Iterator[Engine]:
     # Small stripes so that megabyte transfers exercise striping across connections.
     with Engine(EngineConfig(metadata_url=metadata_url, tcp_stripe_bytes=64 << 10)) as e:
         yield e
+
+
+@pytest.fixture(params=["native", "python"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Host copies and tcp page frames through the native library (_copy.c) or the pure-Python
+    fallback (KVSTACK_TRANSFER_NATIVE_COPY=0), in this process and in peers started after it:
+    request it before ``peer``.
+    """
+    path: str = request.param
+    monkeypatch.setenv(_env.NATIVE_COPY_VAR, "1" if path == "native" else "0")
+    _native.forget()
+    if path == "native" and _native.load() is None:
+        compilers = [cc for cc in _env.compilers() if shutil.which(cc.split()[0])]
+        if not compilers:
+            pytest.skip(f"no C compiler ({', '.join(_env.compilers())}) to build the native path")
+        try:  # a compiler is there, so the build must work: say why it did not
+            _native.build(cache_dir=_env.cache_dir(), compiler=compilers[0])
+        except _native.NativeUnavailable as exc:
+            pytest.fail(f"the native library did not build: {exc}")
+        pytest.fail("the native library built but load() returned None")
+    yield path
+    _native.forget()  # the next load() decides from the restored environment

@@ -1,4 +1,5 @@
-"""Host copies of many ranges (the shm page path): every layout verified byte for byte."""
+"""Host copies of many ranges (the shm page path): every layout verified byte for byte, through
+the native library and the pure-Python fallback."""
 
 from __future__ import annotations
 
@@ -62,18 +63,24 @@ def _layout(
 
 
 @pytest.fixture(params=["serial", "threads"])
-def copy_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with page copies on the caller only, or shared out in tiny chunks."""
+def copy_threads(
+    request: pytest.FixtureRequest, copy_path: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Run a test with page copies on the caller only, or shared out in tiny chunks, through
+    the native library or the pure-Python fallback (``copy_path``)."""
     if request.param == "threads":
-        # Even a 2-core box must exercise the shared path: every chunk a few pages.
+        # Even a 2-core box must exercise the shared paths: every chunk a few pages.
+        monkeypatch.setattr(_memory, "_NATIVE_THREADS", 3)
+        monkeypatch.setattr(_memory, "_BYTES_PER_THREAD", 20 * KiB)
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
         monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
         monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)
         monkeypatch.setattr(_memory, "_RANGES_MIN_AVERAGE_BYTES", 0)
         monkeypatch.setattr(_memory, "_RANGES_CHUNK_BYTES", 20 * KiB)
     else:
+        monkeypatch.setattr(_memory, "_NATIVE_THREADS", 1)
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 1)
-    return request.param
+    return f"{copy_path}-{request.param}"
 
 
 @pytest.mark.parametrize(
@@ -115,3 +122,17 @@ def test_coalesce_merges_only_runs_adjacent_on_both_sides() -> None:
     lengths = np.array([10, 10, 10, 10, 5, 0, 3], dtype=np.int64)
     merged = coalesce(dsts, srcs, lengths)
     assert [a.tolist() for a in merged] == [[0, 20, 100], [50, 0, 10], [20, 10, 18]]
+
+
+@pytest.mark.parametrize(
+    "length", [1, (1 << 20) + 3, (9 << 20) + 1], ids=["1B", "1MiB+3", "9MiB+1"]
+)
+def test_memcpy_byte_for_byte(copy_threads: str, length: int) -> None:
+    # Big single copies are shared out too (native: by bytes; fallback: 2 MiB chunks from 8 MiB).
+    rng = np.random.default_rng(length)
+    src = rng.integers(0, 256, length + 10, dtype=np.uint8)
+    dst = rng.integers(0, 256, length + 10, dtype=np.uint8)
+    expected = dst.copy()
+    expected[7 : 7 + length] = src[3 : 3 + length]
+    _memory.memcpy(dst.ctypes.data + 7, src.ctypes.data + 3, length)
+    np.testing.assert_array_equal(dst, expected)

@@ -120,7 +120,7 @@ def test_offsets_past_2_gib_on_sparse_shm(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_scattered_batch_reports_every_request(
-    engine: Engine, peer: PeerProcess, transport: str
+    copy_path: str, engine: Engine, peer: PeerProcess, transport: str
 ) -> None:
     local = _local(engine, 11)
     page = 16 << 10
@@ -155,16 +155,21 @@ def test_scattered_batch_reports_every_request(
 @pytest.mark.parametrize("threads", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_page_batch_with_runs_byte_for_byte(
+    copy_path: str,
     engine: Engine,
     peer: PeerProcess,
+    *,
     transport: str,
     threads: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A KV handoff whose pages form runs (merged into one copy on shm) and stray pages, some
     unaligned: every remote byte is checked after the WRITE, every local one after the READ.
+    Over tcp, the frames' pages move natively or as one memoryview each (``copy_path``).
     """
     if threads:  # the shared copy path even on a 2-core box, in chunks of a few pages
+        monkeypatch.setattr(_memory, "_NATIVE_THREADS", 3)
+        monkeypatch.setattr(_memory, "_BYTES_PER_THREAD", 40 << 10)
         monkeypatch.setattr(_memory, "_RANGES_THREADS", 2)
         monkeypatch.setattr(_memory, "_COPY_THREADS", max(2, _memory._COPY_THREADS))
         monkeypatch.setattr(_memory, "PARALLEL_RANGES_BYTES", 1)

@@ -74,7 +74,7 @@ def test_server_refuses_out_of_bounds_even_if_client_skips_checks(server: Engine
     assert bytes(server.array("seg")[:5]) == b"hello"
 
 
-def test_vectored_frames_are_bounds_checked_as_a_whole(server: Engine) -> None:
+def test_vectored_frames_are_bounds_checked_as_a_whole(copy_path: str, server: Engine) -> None:
     ranges = struct.pack("<4Q", 0, 4, 998, 4)  # the second range runs past the end
     with _connect(server.address) as sock:
         assert _hello(sock, b"s3cret")[0] is FrameOp.OK

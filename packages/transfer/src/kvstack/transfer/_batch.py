@@ -195,12 +195,18 @@ class Batch:
 
     def _done_range(self, start: int, stop: int) -> None:
         """Requests start..stop-1 (unsplit) are DONE."""
+        pending = RequestStatus.PENDING
         with self._lock:
             status = self._status
-            for index in range(start, stop):
-                if status[index] is RequestStatus.PENDING:
-                    status[index] = RequestStatus.DONE
-                    self._pending -= 1
+            if status[start:stop].count(pending) == stop - start:
+                # The usual case (none failed): list operations in C, not a loop per request.
+                status[start:stop] = [RequestStatus.DONE] * (stop - start)
+                self._pending -= stop - start
+            else:
+                for index in range(start, stop):
+                    if status[index] is pending:
+                        status[index] = RequestStatus.DONE
+                        self._pending -= 1
             callbacks: list[Callable[[Batch], Any]] = []
             if self._pending == 0 and stop > start:
                 self._record()
@@ -278,6 +284,8 @@ class Batch:
         now = time.monotonic()
         callbacks: list[Callable[[Batch], Any]] = []
         with self._lock:
+            if not self._pending:  # _wait calls this once done too: no loop per request then
+                return
             for i, status in enumerate(self._status):
                 if status is RequestStatus.PENDING and self._deadline_of(i) <= now:
                     work = self._works[i]
@@ -357,7 +365,10 @@ class Batch:
     def failures(self) -> dict[int, TransferError]:
         """Index -> error of every failed request."""
         with self._lock:
-            return {i: e for i, e in enumerate(self._errors) if e is not None}
+            errors = self._errors
+            if errors.count(None) == len(errors):  # none failed: a C loop, not a Python one
+                return {}
+            return {i: e for i, e in enumerate(errors) if e is not None}
 
     def raise_for_errors(self) -> None:
         """Raise BatchFailed naming each failed request; call after ``wait()``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import uuid
@@ -48,6 +49,9 @@ _MAX_NAME_CHARS = 255
 _READ = Op.READ  # hot loops: skip the enum descriptor
 # Batches at least this long try the array path for KV-page handoffs (see _pages_fast_path).
 _PAGES_MIN = 8
+_LOCAL_OFFSET = operator.attrgetter("local_offset")
+_REMOTE_OFFSET = operator.attrgetter("remote_offset")
+_LENGTH = operator.attrgetter("length")
 # How errors name the local side of read_into_tensor / write_tensor (a private buffer).
 _TENSOR = "tensor"
 
@@ -416,9 +420,10 @@ class Engine:
             return False
         n = len(requests)
         try:
-            local_offsets = np.fromiter((r.local_offset for r in requests), np.int64, n)
-            remote_offsets = np.fromiter((r.remote_offset for r in requests), np.int64, n)
-            lengths = np.fromiter((r.length for r in requests), np.int64, n)
+            # map(attrgetter) runs no bytecode per request: 26 vs 38 us for 256 (2-core box).
+            local_offsets = np.fromiter(map(_LOCAL_OFFSET, requests), np.int64, n)
+            remote_offsets = np.fromiter(map(_REMOTE_OFFSET, requests), np.int64, n)
+            lengths = np.fromiter(map(_LENGTH, requests), np.int64, n)
         except OverflowError:  # offsets past 2**63: certainly out of bounds, let the checks say so
             return False
         # Overflow-free: offset <= size first, then length <= size - offset.

@@ -16,6 +16,15 @@ HOST_VAR = "KVSTACK_TRANSFER_HOST"
 TRANSPORTS_VAR = "KVSTACK_TRANSFER_TRANSPORTS"
 # Port for the Prometheus exporter; unset means no exporter.
 METRICS_PORT_VAR = "KVSTACK_TRANSFER_METRICS_PORT"
+# "0" turns the native data path (_copy.c) off: host copies and tcp page frames then take the
+# Python path, one ctypes.memmove or memoryview per range. For tests of that path, or to rule
+# the native code out when chasing a bug.
+NATIVE_COPY_VAR = "KVSTACK_TRANSFER_NATIVE_COPY"
+# Where the native library is built and cached; default $XDG_CACHE_HOME/kvstack, else
+# ~/.cache/kvstack.
+CACHE_DIR_VAR = "KVSTACK_CACHE_DIR"
+# The C compiler that builds it; default $CC, else cc, else gcc.
+CC_VAR = "CC"
 
 DEFAULT_METADATA_PORT = 7710
 DEFAULT_METADATA_URL = f"http://127.0.0.1:{DEFAULT_METADATA_PORT}"
@@ -48,3 +57,26 @@ def metrics_port() -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{METRICS_PORT_VAR}={raw!r} is not an integer port") from None
+
+
+def native_copy() -> bool:
+    raw = os.environ.get(NATIVE_COPY_VAR, "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{NATIVE_COPY_VAR}={raw!r} is not one of 1/0, true/false, yes/no, on/off")
+
+
+def cache_dir() -> str:
+    explicit = os.environ.get(CACHE_DIR_VAR)
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvstack")
+
+
+def compilers() -> tuple[str, ...]:
+    """C compilers to try, in order ($CC alone when set: a user who names one means it)."""
+    chosen = os.environ.get(CC_VAR, "").strip()
+    return (chosen,) if chosen else ("cc", "gcc")

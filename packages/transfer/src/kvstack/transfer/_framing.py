@@ -10,12 +10,16 @@ TransferError.to_wire()). Little-endian, like every host we run on.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import socket
 import struct
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
+import numpy as np
+
+from kvstack.transfer import _native
 from kvstack.transfer.errors import PeerUnavailable, ProtocolError, TransferError, TransferTimeout
 
 __all__ = [
@@ -23,9 +27,11 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "FrameOp",
+    "Ranges",
     "pack",
     "recv_exact_into",
     "send_buffers",
+    "send_frames",
     "set_tick",
 ]
 
@@ -115,19 +121,82 @@ def recv_exact_into(
         pos += n
 
 
+class Ranges:
+    """Checked ranges of one host array as one piece of a frame: ``memory[offsets[i] :
+    offsets[i] + lengths[i]]`` for each i, in order (a vectored frame's pages).
+
+    Sent and received by the native library in one call per frame, with no Python object per
+    range (issue #3); without it, as one memoryview per range.
+    """
+
+    __slots__ = ("address", "lengths", "memory", "nbytes", "offsets")
+
+    def __init__(
+        self, memory: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, *, address: int
+    ) -> None:
+        self.memory = memory  # 1-D uint8; holding it keeps the memory alive until sent
+        self.address = address  # of memory[0] (LocalSegment.address: no numpy call per frame)
+        self.offsets = offsets.astype(np.int64, copy=False)
+        self.lengths = lengths.astype(np.int64, copy=False)
+        self.nbytes = int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def addresses(self) -> np.ndarray:
+        return self.offsets + self.address
+
+    def views(self) -> list[memoryview]:
+        memory = self.memory.data
+        return [
+            memory[o : o + n]
+            for o, n in zip(self.offsets.tolist(), self.lengths.tolist(), strict=True)
+        ]
+
+
+def send_frames(
+    sock: socket.socket,
+    items: Sequence[bytes | memoryview | Ranges],
+    *,
+    peer: str,
+    expired: Callable[[], bool],
+) -> None:
+    """``send_buffers`` for frames that may carry ``Ranges``: the buffers before each Ranges
+    in one gather write, then its ranges in native calls (or as memoryviews without them)."""
+    native = _native.load()
+    pending: list[bytes | memoryview] = []
+    for item in items:
+        if not isinstance(item, Ranges):
+            pending.append(item)
+        elif native is None:
+            pending += item.views()
+        elif item.nbytes:
+            if pending:
+                # MSG_MORE: the header waits for the ranges, one segment on the wire, not two.
+                send_buffers(sock, pending, peer=peer, expired=expired, flags=socket.MSG_MORE)
+                pending = []
+            done = ctypes.c_int64(0)
+            addresses = item.addresses()
+            while not native.send_ranges(sock.fileno(), addresses, item.lengths, done):
+                if expired():
+                    raise TransferTimeout("sending", timeout_s=0.0, peer=peer)
+    send_buffers(sock, pending, peer=peer, expired=expired)
+
+
 def send_buffers(
     sock: socket.socket,
     buffers: Sequence[bytes | memoryview],
     *,
     peer: str,
     expired: Callable[[], bool],
+    flags: int = 0,
 ) -> None:
     """Gather-write all buffers (sendmsg), resuming after partial sends and ticks."""
     views = [memoryview(b) for b in buffers if len(b)]
     i = 0
     while i < len(views):
         try:
-            sent = sock.sendmsg(views[i : i + _MAX_IOV])
+            sent = sock.sendmsg(views[i : i + _MAX_IOV], [], flags)
         except (TimeoutError, BlockingIOError):
             if expired():
                 raise TransferTimeout("sending", timeout_s=0.0, peer=peer) from None
@@ -163,6 +232,7 @@ class FrameReader:
         self.peer = peer
         self._buf = bytearray(size_bytes)
         self._view = memoryview(self._buf)
+        self._address: int = np.frombuffer(self._buf, dtype=np.uint8).ctypes.data
         self._start = 0
         self._end = 0
         self._on_idle = on_idle
@@ -230,6 +300,40 @@ class FrameReader:
                 else:
                     views[i] = views[i][got:]
                     got = 0
+
+    def read_ranges(self, ranges: Ranges, expired: Callable[[], bool]) -> None:
+        """Fill the ranges in order: buffered bytes first, then straight from the socket."""
+        native = _native.load()
+        if native is None:
+            self.read_into_many(ranges.views(), expired)
+            return
+        have = min(self._end - self._start, ranges.nbytes)
+        buffered_address = self._address + self._start
+        if have < ranges.nbytes and self._on_idle is not None:
+            self._on_idle()  # about to wait for the peer: see _recv
+        done = ctypes.c_int64(0)
+        addresses = ranges.addresses()
+        fd = self._sock.fileno()
+        try:
+            while not native.recv_ranges(
+                fd,
+                addresses,
+                ranges.lengths,
+                done,
+                buffered_address=buffered_address,
+                buffered_bytes=have,
+            ):
+                if expired():
+                    raise TransferTimeout(
+                        f"receiving {ranges.nbytes} bytes ({done.value} arrived)",
+                        timeout_s=0.0,
+                        peer=self.peer,
+                    )
+        except EOFError:
+            raise PeerUnavailable(
+                f"connection closed after {done.value} of {ranges.nbytes} bytes", peer=self.peer
+            ) from None
+        self._start += have  # the buffered bytes were consumed by the first call
 
     def skip(self, n: int, expired: Callable[[], bool]) -> None:
         """Discard ``n`` bytes (a refused WRITE's payload)."""

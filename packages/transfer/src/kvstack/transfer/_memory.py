@@ -1,7 +1,8 @@
 """Local memory: segments (what a buffer becomes when registered), POSIX shared memory, copies.
 
-Host memory is always handled as a 1-D ``uint8`` numpy view, so every host copy is one
-``np.copyto`` (a memcpy that releases the GIL); CUDA memory as a 1-D ``uint8`` torch view.
+Host memory is always handled as a 1-D ``uint8`` numpy view, copied by address with the GIL
+released (the native range copier of ``_native``, else ``ctypes.memmove``); CUDA memory as a
+1-D ``uint8`` torch view.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvstack.transfer import _native
 from kvstack.transfer.errors import InvalidRequest, OutOfBounds, SegmentReadOnly
 
 if TYPE_CHECKING:
@@ -280,10 +282,34 @@ def shm_segment(name: str, size_bytes: int) -> LocalSegment:
     )
 
 
-# One memcpy thread cannot saturate memory bandwidth: big host copies are cut into chunks that
-# the caller and named worker threads take in turn (ctypes.memmove drops the GIL). Taking chunks
-# dynamically, not fixed halves, keeps a copy fast when another process holds a core. Measured
-# on the 2-core CI box, 64 MiB shm->shm: 9.5 GB/s with one thread, 13.5 GB/s with two.
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what taskset or a container's cpuset allows
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Host copies go through the native range copier (_native, _copy.c): one GIL-free call per
+# batch, shared by bytes with up to _NATIVE_THREADS - 1 parked helper threads, one thread per
+# _BYTES_PER_THREAD of the batch. Waking a helper costs ~5 us (2-core CI box), so a thread pays
+# from a few hundred KiB. Capped at 8: a memory-bound copy gains little from more, and every
+# process that copies keeps its helpers.
+_NATIVE_THREADS = max(1, min(8, _usable_cores()))
+_BYTES_PER_THREAD = 256 << 10
+# Single ranges shorter than this are one ctypes.memmove (a cheaper call than the native
+# copier's, 2.7 vs 4.4 us, and no helper would be woken for them anyway).
+SHARED_COPY_BYTES = 2 * _BYTES_PER_THREAD
+
+
+def _native_threads(total_bytes: int) -> int:
+    return max(1, min(_NATIVE_THREADS, total_bytes // _BYTES_PER_THREAD))
+
+
+# Without the native copier (no C compiler, KVSTACK_TRANSFER_NATIVE_COPY=0): one memcpy thread
+# cannot saturate memory bandwidth, so big host copies are cut into chunks that the caller and
+# named worker threads take in turn (ctypes.memmove drops the GIL). Taking chunks dynamically,
+# not fixed halves, keeps a copy fast when another process holds a core. Measured on the 2-core
+# CI box, 64 MiB shm->shm: 9.5 GB/s with one thread, 13.5 GB/s with two.
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 PARALLEL_COPY_BYTES = 8 << 20
 _CHUNK_BYTES = 2 << 20
@@ -321,12 +347,13 @@ def _share(chunks: int, copy_chunk: Callable[[int], None]) -> None:
             future.result()
 
 
-# Many ranges (a KV handoff: hundreds of 16 KiB pages) are shared with the copy threads from
-# this many bytes, cut by bytes (not by count) into chunks of about _RANGES_CHUNK_BYTES so that
-# every copy thread takes some. Each range is one ctypes.memmove that drops and retakes the GIL,
-# so threads contend for it once per page. Measured on the 2-core CI box (256 x 16 KiB, caches
-# flushed): serial 440 us, shared with one copy thread 540 us, at 1 MiB 100 vs 160 us; so with
-# fewer than 4 cores page batches stay on the calling thread.
+# Fallback for many ranges (a KV handoff: hundreds of 16 KiB pages): shared with the copy
+# threads from this many bytes, cut by bytes (not by count) into chunks of about
+# _RANGES_CHUNK_BYTES so that every copy thread takes some. Each range is one ctypes.memmove
+# that drops and retakes the GIL, so threads contend for it once per page. Measured on the
+# 2-core CI box (256 x 16 KiB, caches flushed): serial 440 us, shared with one copy thread
+# 540 us, at 1 MiB 100 vs 160 us; so with fewer than 4 cores page batches stay on the calling
+# thread.
 PARALLEL_RANGES_BYTES = 1 << 20
 _RANGES_CHUNK_BYTES = 512 << 10
 _RANGES_MIN_AVERAGE_BYTES = 256 << 10
@@ -364,11 +391,20 @@ def _pieces(
 
 def memcpy_ranges(dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray) -> None:
     """Copy checked ranges ``dsts[i] <- srcs[i]`` of ``lengths[i]`` bytes (int64 arrays of
-    addresses and byte counts); shared with the copy threads by bytes when large.
+    addresses and byte counts); shared with helper threads by bytes when large.
 
-    Ranges adjacent on both sides are merged first (see ``coalesce``). Destinations should not
-    overlap: a large copy runs its chunks in no particular order.
+    Ranges adjacent on both sides are copied as one. Destinations should not overlap: a large
+    copy runs its pieces in no particular order.
     """
+    copier = _native.load()
+    if copier is not None:
+        copier.copy_ranges(dsts, srcs, lengths, threads=_native_threads(int(lengths.sum())))
+        return
+    _memcpy_ranges_python(dsts, srcs, lengths)
+
+
+def _memcpy_ranges_python(dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray) -> None:
+    """``memcpy_ranges`` without the native copier: one ctypes.memmove per range."""
     dsts, srcs, lengths = coalesce(dsts, srcs, lengths)
     memmove = ctypes.memmove
     total = int(lengths.sum())
@@ -411,6 +447,16 @@ def memcpy_many(dsts: list[int], srcs: list[int], lengths: list[int]) -> None:
 
 def memcpy(dst: int, src: int, length: int) -> None:
     """Copy ``length`` bytes between two checked host addresses, in parallel when large."""
+    if length >= SHARED_COPY_BYTES and _NATIVE_THREADS > 1:
+        copier = _native.load()
+        if copier is not None:
+            copier.copy_ranges(
+                np.array([dst], dtype=np.int64),
+                np.array([src], dtype=np.int64),
+                np.array([length], dtype=np.int64),
+                threads=_native_threads(length),
+            )
+            return
     if length < PARALLEL_COPY_BYTES or _COPY_THREADS == 1:
         ctypes.memmove(dst, src, length)
         return

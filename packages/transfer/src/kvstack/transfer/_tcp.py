@@ -4,13 +4,15 @@ Client side: ``connections`` sockets per peer; requests are pipelined (a request
 header, no per-chunk acknowledgement), large ones striped across the sockets, small ones on one
 segment packed into vectored frames (READV/WRITEV: one header and one reply for many pages), a
 batch's frames go out in one gather write (``sendmsg``) per socket, and READ replies land via
-``recv_into``/``recvmsg_into`` straight in the registered segment. Each socket has one receiver
-thread. Synchronous one-off requests (``Engine.read``/``write``) instead use the calling
-thread's own socket (a lane) and read their reply themselves: one thread wake-up less.
+``recv_into``/``recvmsg_into`` straight in the registered segment. A page batch's frames carry
+their pages as ``Ranges``: sent and received by one native call per frame (GIL released), with
+no Python object per page. Each socket has one receiver thread. Synchronous one-off requests
+(``Engine.read``/``write``) instead use the calling thread's own socket (a lane) and read their
+reply themselves: one thread wake-up less.
 
 Server side: one thread per connection reads frames through a buffer (many small frames per
 ``recv``), bounds-checks every range against the segment, receives WRITE payloads straight into
-it and answers with coalesced gather writes.
+it (a vectored frame's ranges in one native call) and answers with coalesced gather writes.
 
 Deadlines: sockets carry a short timeout (a tick); at every tick a blocked send or receive
 asks whether a request it carries has expired and, if so, closes the connection (a half-read
@@ -41,10 +43,12 @@ from kvstack.transfer._framing import (
     MAX_ERROR_BYTES,
     FrameOp,
     FrameReader,
+    Ranges,
     error_frame,
     pack,
     recv_exact_into,
     send_buffers,
+    send_frames,
     set_tick,
     unpack,
 )
@@ -281,14 +285,14 @@ class TcpServer:
         ranges = np.frombuffer(reader.read(count * 16, _always), dtype="<u8").reshape(count, 2)
         offsets, lengths = ranges[:, 0], ranges[:, 1]
         writing = op is FrameOp.WRITEV
-        if count and (lengths.max() > length or int(lengths.sum()) != length):
+        if (count and lengths.max() > length) or int(lengths.sum()) != length:
             raise ProtocolError(f"ranges do not add up to {length} bytes", peer=reader.peer)
         try:
             segment = self._segment(name)
             size = segment.size_bytes
-            bad = np.flatnonzero((offsets > size) | (lengths > size - np.minimum(offsets, size)))
-            if bad.size:
-                i = int(bad[0])
+            outside = (offsets > size) | (lengths > size - np.minimum(offsets, size))
+            if outside.any():
+                i = int(np.flatnonzero(outside)[0])
                 raise OutOfBounds(
                     name,
                     offset=int(offsets[i]),
@@ -303,16 +307,18 @@ class TcpServer:
                 reader.skip(length, _always)  # keep the stream in step
             replies.add(error_frame(request_id, exc))
             return
-        pairs = list(zip(offsets.tolist(), lengths.tolist(), strict=True))
         if segment.host is not None:
-            memory = segment.host.data
-            views = [memory[o : o + n] for o, n in pairs]
+            # No Python object per range: one native call moves the frame (issue #3).
+            ranges = Ranges(segment.host, offsets, lengths, address=segment.address)
             if writing:
                 replies.flush_reads()
-                reader.read_into_many(views, _always)
+                reader.read_ranges(ranges, _always)
             else:
-                replies.add([pack(FrameOp.OK, request_id, length=length), *views], read=True)
+                replies.add(
+                    [pack(FrameOp.OK, request_id, length=length), ranges], read=True, ranges=True
+                )
         else:  # CUDA: one host staging buffer for the whole vector
+            pairs = list(zip(offsets.tolist(), lengths.tolist(), strict=True))
             staging = np.empty(length, dtype=np.uint8)
             # Python ints: numpy would promote [0] + uint64 sums to float64, unusable as slices.
             starts = list(itertools.accumulate((n for _, n in pairs), initial=0))[:-1]
@@ -338,9 +344,11 @@ class _Replies:
         self._buffers: list[Any] = []
         self._bytes = 0
         self._reads = False
+        self._ranges = False  # a vectored READ's Ranges is queued (send_frames, not buffers)
 
-    def add(self, buffers: list[Any], *, read: bool = False) -> None:
+    def add(self, buffers: list[Any], *, read: bool = False, ranges: bool = False) -> None:
         self._reads |= read
+        self._ranges |= ranges
         self._buffers += buffers
         self._bytes += sum(len(b) for b in buffers)
         if self._bytes >= _FLUSH_BYTES:
@@ -356,7 +364,9 @@ class _Replies:
             buffers = self._buffers
             self._buffers = []
             self._bytes = 0
-            send_buffers(self._conn, buffers, peer=self._peer, expired=_always)
+            send = send_frames if self._ranges else send_buffers
+            self._ranges = False
+            send(self._conn, buffers, peer=self._peer, expired=_always)
 
 
 def _parse_error(payload: bytes, peer: str) -> TransferError:
@@ -441,27 +451,38 @@ class _PageVec:
         "batch",
         "deadline",
         "length",
+        "local",
         "name",
         "op",
         "ranges",
         "route",
         "start",
         "stop",
-        "views",
     )
 
     def __init__(
-        self, batch: Batch, pages: Pages, start: int, stop: int, views: list[memoryview]
+        self,
+        batch: Batch,
+        pages: Pages,
+        start: int,
+        stop: int,
+        *,
+        memory: np.ndarray,
+        table: np.ndarray,
     ) -> None:
         self.batch = batch
         self.route = pages.route
         self.op = pages.op
         self.name = pages.route.remote.name.encode()
         self.start, self.stop = start, stop
-        self.views = views[start:stop]
-        lengths = pages.lengths[start:stop]
-        self.length = int(lengths.sum())
-        self.ranges = np.stack((pages.remote_offsets[start:stop], lengths), axis=1).astype("<u8")
+        self.local = Ranges(
+            memory,
+            pages.local_offsets[start:stop],
+            pages.lengths[start:stop],
+            address=pages.local.address,
+        )
+        self.length = self.local.nbytes
+        self.ranges = table[start:stop]  # the wire's (offset, length) pairs of these pages
         self.deadline = batch._deadline_of(start)  # Pages batches carry no per-request timeouts
 
     def finish(self, error: TransferError | None) -> None:
@@ -479,11 +500,11 @@ class _PageVec:
         head = pack(op, request_id, name=self.name, offset=count, length=self.length)
         frames: list[Any] = [head, self.name, self.ranges.tobytes()]
         if self.op is Op.WRITE:
-            frames += self.views
+            frames.append(self.local)
         return frames
 
     def receive(self, reader: FrameReader) -> None:
-        reader.read_into_many(self.views, self.expired)
+        reader.read_ranges(self.local, self.expired)
 
 
 def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
@@ -624,7 +645,7 @@ class _Conn:
             try:
                 while self._queue:
                     batch = self._queue.popleft()
-                    send_buffers(self.sock, batch, peer=self.peer, expired=self._any_expired)
+                    send_frames(self.sock, batch, peer=self.peer, expired=self._any_expired)
             except (OSError, TransferError) as exc:
                 self._queue.clear()
                 self.fail(exc)
@@ -789,19 +810,23 @@ class TcpTransport:
             conns = self._conns(pages.route.remote)
         except TransferError:
             return False
-        memory = pages.local.host.data if pages.local.host is not None else None
+        memory = pages.local.host
         if memory is None:
             return False
-        views = [
-            memory[o : o + n]
-            for o, n in zip(pages.local_offsets.tolist(), pages.lengths.tolist(), strict=True)
-        ]
-        n = len(views)
+        n = len(pages.lengths)
         share = -(-n // len(conns))
+        table = np.stack((pages.remote_offsets, pages.lengths), axis=1).astype("<u8")
         jobs: list[tuple[_Conn, list[_PageVec]]] = []
         for c, conn in enumerate(conns):
             units = [
-                _PageVec(batch, pages, start, min(start + _VEC_MAX, (c + 1) * share, n), views)
+                _PageVec(
+                    batch,
+                    pages,
+                    start,
+                    min(start + _VEC_MAX, (c + 1) * share, n),
+                    memory=memory,
+                    table=table,
+                )
                 for start in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
             ]
             if units:

@@ -162,7 +162,7 @@ class ShmTransport:
         done: list[int] = []
         memcpy = _memory.memcpy
         memmove = ctypes.memmove
-        big = _memory.PARALLEL_COPY_BYTES
+        big = _memory.SHARED_COPY_BYTES
         for work in works:
             info = work.route.remote
             r = work.request

@@ -1,0 +1,280 @@
+"""The native data path (``_copy.c``): built with the system C compiler on first use, cached
+per user, loaded with ctypes.
+
+One foreign call, GIL released, moves a whole batch of ranges: a copy shared by bytes over a
+few threads, or a tcp frame's pages sent or received (issue #3: 256 scattered 16 KiB pages cost
+256 ``ctypes.memmove`` calls or memoryviews, each taking the GIL again, so Python threads made
+page batches slower, not faster). Without a compiler (or with ``KVSTACK_TRANSFER_NATIVE_COPY=0``)
+``load()`` returns None and callers keep their pure-Python path; why is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from kvstack.transfer import _env
+from kvstack.transfer.errors import ConfigError
+
+__all__ = ["NativeCopier", "NativeUnavailable", "build", "load"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_copy.c")
+_FLAGS = ("-O2", "-shared", "-fPIC", "-pthread")
+# A cold gcc -O2 of _copy.c takes ~0.1 s; this only bounds a hung compiler.
+_COMPILE_TIMEOUT_S = 120.0
+
+
+class NativeUnavailable(Exception):
+    """Why the native library cannot be used here (no compiler, compile or load failure)."""
+
+
+_I64P = ctypes.POINTER(ctypes.c_int64)
+
+
+def _int64s(values: np.ndarray) -> np.ndarray:
+    # The C side reads n int64s from each pointer: never hand it another dtype or a strided
+    # view (no copy when the array is already right).
+    return np.ascontiguousarray(values, dtype=np.int64)
+
+
+class NativeCopier:
+    """The functions of one loaded ``_copy.c`` library."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        library = ctypes.CDLL(path)  # CDLL (not PyDLL): every call releases the GIL
+        vp, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._copy = library.kvstack_copy_ranges
+        self._copy.argtypes = (vp, vp, vp, i64, c_int)
+        self._copy.restype = c_int
+        self._send = library.kvstack_send_ranges
+        self._send.argtypes = (c_int, vp, vp, i64, _I64P)
+        self._send.restype = c_int
+        self._recv = library.kvstack_recv_ranges
+        self._recv.argtypes = (c_int, vp, vp, i64, vp, i64, _I64P)
+        self._recv.restype = c_int
+        self._library = library  # keeps the library loaded as long as its functions are used
+
+    def copy_ranges(
+        self, dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray, *, threads: int
+    ) -> int:
+        """Copy ``lengths[i]`` bytes from address ``srcs[i]`` to address ``dsts[i]`` for every
+        i, on this thread and up to ``threads - 1`` helpers; returns how many threads copied.
+
+        Every range must be bounds-checked by the caller: the C side trusts them.
+        """
+        dsts, srcs, lengths = _int64s(dsts), _int64s(srcs), _int64s(lengths)
+        n = _same_length(dsts, srcs, lengths)
+        return int(self._copy(dsts.ctypes.data, srcs.ctypes.data, lengths.ctypes.data, n, threads))
+
+    def send_ranges(
+        self, fd: int, addresses: np.ndarray, lengths: np.ndarray, done: ctypes.c_int64
+    ) -> bool:
+        """Send the checked ranges in order on socket ``fd``, resuming after ``done`` bytes
+        (updated). True once all are sent; False when the socket's timeout passed first (call
+        again); OSError on a socket error.
+        """
+        addresses, lengths = _int64s(addresses), _int64s(lengths)
+        n = _same_length(addresses, lengths)
+        status = self._send(fd, addresses.ctypes.data, lengths.ctypes.data, n, ctypes.byref(done))
+        return _finished(status)
+
+    def recv_ranges(
+        self,
+        fd: int,
+        addresses: np.ndarray,
+        lengths: np.ndarray,
+        done: ctypes.c_int64,
+        *,
+        buffered_address: int = 0,
+        buffered_bytes: int = 0,
+    ) -> bool:
+        """Fill the checked ranges in order: the first ``buffered_bytes`` from
+        ``buffered_address`` (bytes already read from the socket), the rest from socket ``fd``;
+        resumes after ``done`` bytes (updated). True once all arrived; False when the socket's
+        timeout passed first (call again); OSError on a socket error, EOFError when the peer
+        closed the connection.
+        """
+        addresses, lengths = _int64s(addresses), _int64s(lengths)
+        n = _same_length(addresses, lengths)
+        status = self._recv(
+            fd,
+            addresses.ctypes.data,
+            lengths.ctypes.data,
+            n,
+            buffered_address,
+            buffered_bytes,
+            ctypes.byref(done),
+        )
+        if status == 1:
+            raise EOFError(f"connection closed after {done.value} bytes")
+        return _finished(status)
+
+
+def _same_length(*arrays: np.ndarray) -> int:
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"range arrays of unequal lengths {[len(a) for a in arrays]}")
+    return n
+
+
+def _finished(status: int) -> bool:
+    """0: done; -EAGAIN/-EWOULDBLOCK (the socket's timeout tick) or -EINTR: not yet; -errno."""
+    if status == 0:
+        return True
+    code = -status
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def _compiler_identity(argv: list[str]) -> str:
+    """What names the compiler in the cache key: its resolved path, size and mtime."""
+    found = shutil.which(argv[0])
+    if found is None:
+        raise NativeUnavailable(f"no C compiler {argv[0]!r} on PATH")
+    info = os.stat(found)
+    return f"{' '.join(argv)}|{os.path.realpath(found)}|{info.st_size}|{info.st_mtime_ns}"
+
+
+def _libc() -> str:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return ""
+
+
+def _private_dir(path: str) -> None:
+    """Create ``path`` (0700) or check that only this user can write to it: we load code from it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise NativeUnavailable(
+            f"cache directory {path} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}); set "
+            f"{_env.CACHE_DIR_VAR} to a private directory"
+        )
+
+
+def build(*, cache_dir: str, compiler: str) -> NativeCopier:
+    """Build ``_copy.c`` with ``compiler`` into ``cache_dir`` unless already there; load it.
+
+    The file name hashes the source, flags, compiler and platform, so a changed source or a
+    home directory shared by other machines never loads a stale or foreign library. Many
+    processes may build at once: each compiles to its own temporary file and renames it into
+    place (atomic), so a reader sees a whole library or none. Raises NativeUnavailable.
+    """
+    argv = shlex.split(compiler)
+    if not argv:
+        raise NativeUnavailable("empty compiler command")
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot read {SOURCE}: {exc}") from exc
+    key = hashlib.sha256()
+    for part in (
+        source,
+        " ".join(_FLAGS).encode(),
+        _compiler_identity(argv).encode(),
+        f"{sys.platform}|{platform.machine()}|{_libc()}".encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    path = os.path.join(cache_dir, f"copy-{key.hexdigest()[:20]}.so")
+    try:
+        _private_dir(cache_dir)
+        if not os.path.exists(path):
+            _compile(argv, path)
+        return NativeCopier(path)
+    except OSError as exc:  # a full disk, a read-only home, a library the loader refuses
+        raise NativeUnavailable(f"{path}: {exc}") from exc
+
+
+def _compile(argv: list[str], path: str) -> None:
+    temporary = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    command = [*argv, *_FLAGS, "-o", temporary, str(SOURCE)]
+    try:
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise NativeUnavailable(
+                f"{shlex.join(command)} ran past {_COMPILE_TIMEOUT_S:g} s"
+            ) from None
+        if done.returncode != 0:
+            raise NativeUnavailable(
+                f"{shlex.join(command)} exited with {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+            )
+        os.replace(temporary, path)
+        logger.info("built the native data path: %s", path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+_lock = threading.Lock()
+_loaded: list[NativeCopier | None] = []  # empty until the first load() decides
+
+
+def load() -> NativeCopier | None:
+    """The native library, built on first call; None (logged once) where it cannot be used."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+        return _loaded[0]
+
+
+def _load() -> NativeCopier | None:
+    try:
+        enabled = _env.native_copy()
+    except ConfigError as exc:  # a copy is no place to raise a configuration error
+        logger.warning("native data path off: %s", exc)
+        return None
+    if not enabled:
+        logger.info(
+            "native data path turned off by %s: host copies and tcp page frames take the "
+            "Python path (one ctypes.memmove or memoryview per range)",
+            _env.NATIVE_COPY_VAR,
+        )
+        return None
+    reasons: list[str] = []
+    for compiler in _env.compilers():
+        try:
+            return build(cache_dir=_env.cache_dir(), compiler=compiler)
+        except NativeUnavailable as exc:
+            reasons.append(str(exc))
+    logger.warning(
+        "native data path unavailable, host copies and tcp page frames take the Python path "
+        "(one ctypes.memmove or memoryview per range; slower for page batches): %s",
+        "; ".join(reasons),
+    )
+    return None
+
+
+def forget() -> None:
+    """Drop the decision of ``load()`` so the next call decides again (tests that change the
+    environment). A library already loaded stays mapped: a copy may still be running in it.
+    """
+    with _lock:
+        _loaded.clear()

@@ -1,0 +1,480 @@
+"""The native library (_copy.c): range copies against a numpy reference, socket I/O over real
+socket pairs, and the build (cache, concurrent builders, failures, forced fallback)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvstack.transfer import _env, _memory, _native
+from kvstack.transfer._native import NativeCopier, NativeUnavailable
+
+KiB = 1 << 10
+MiB = 1 << 20
+TIMEOUT_S = 60.0
+# Random layouts: (seed, ranges, largest range in bytes, chance a range continues the previous
+# one on both sides). 1 and 4097 are odd on purpose; 0 ranges must be a no-op; 2 MiB ranges
+# are cut across several threads' chunks.
+LAYOUTS = [
+    (0, 0, 1, 0.0),
+    (1, 1, 1, 0.0),  # one byte
+    (2, 300, 64, 0.2),  # tiny ranges, many zero-length
+    (3, 256, 16 * KiB, 0.0),  # a KV handoff's scattered pages
+    (4, 256, 16 * KiB, 0.7),  # runs that coalesce
+    (5, 200, 4097, 0.3),
+    (6, 5, 2 * MiB, 0.3),  # few big ranges: split inside a range across threads
+    (7, 1024, 64 * KiB, 0.1),  # 32 MiB in all: many chunks on every thread
+]
+LAYOUT_IDS = [f"seed{seed}-n{n}-max{top}-run{run}" for seed, n, top, run in LAYOUTS]
+# 3 and 8 threads: more than the 2 cores of the CI box, and not a power of two.
+THREADS = [1, 2, 3, 8]
+
+
+def _compiler() -> str:
+    for cc in _env.compilers():
+        if shutil.which(cc.split()[0]):
+            return cc
+    pytest.skip(f"no C compiler ({', '.join(_env.compilers())})")
+
+
+@pytest.fixture(scope="module")
+def copier(tmp_path_factory: pytest.TempPathFactory) -> NativeCopier:
+    """A fresh build in a private cache (not the user's): the source under test, built now."""
+    return _native.build(cache_dir=str(tmp_path_factory.mktemp("cache")), compiler=_compiler())
+
+
+def _layout(
+    seed: int, count: int, top: int, run: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(dst offsets, src offsets, lengths, dst region bytes, src region bytes) for ``count``
+    ranges: destinations never overlap and sit in shuffled order with odd gaps (unaligned);
+    sources land anywhere (they may overlap); a share of ranges continue the previous one on
+    both sides, so they coalesce.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, top + 1, count).astype(np.int64)
+    lengths[rng.random(count) < 0.1] = 0  # empty ranges anywhere
+    continues = rng.random(count) < run
+    continues[:1] = False
+    # Place destinations in blocks: a block is a range plus the ranges that continue it.
+    blocks = np.cumsum(~continues) - 1
+    block_lengths = np.bincount(blocks, weights=lengths, minlength=blocks.max() + 1 if count else 0)
+    order = rng.permutation(len(block_lengths))
+    gaps = rng.integers(0, 67, len(block_lengths))
+    block_starts = np.zeros(len(block_lengths), dtype=np.int64)
+    position = int(rng.integers(0, 64))
+    for b in order.tolist():
+        block_starts[b] = position
+        position += int(block_lengths[b]) + int(gaps[b])
+    dst_bytes = position + 64
+    src_bytes = max(2 * int(lengths.sum()), 4096) + 64
+    dsts = np.zeros(count, dtype=np.int64)
+    srcs = np.zeros(count, dtype=np.int64)
+    for i in range(count):
+        if continues[i]:
+            dsts[i] = dsts[i - 1] + lengths[i - 1]
+            srcs[i] = srcs[i - 1] + lengths[i - 1]
+            if srcs[i] + lengths[i] > src_bytes:
+                srcs[i] = 0  # keep it in bounds: then it continues only locally
+        else:
+            dsts[i] = block_starts[blocks[i]]
+            srcs[i] = int(rng.integers(0, src_bytes - int(lengths[i]) + 1))
+    return dsts, srcs, lengths, dst_bytes, src_bytes
+
+
+def _reference(
+    dst: np.ndarray, src: np.ndarray, dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    expected = dst.copy()
+    for d, s, n in zip(dsts.tolist(), srcs.tolist(), lengths.tolist(), strict=True):
+        expected[d : d + n] = src[s : s + n]
+    return expected
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize(("seed", "count", "top", "run"), LAYOUTS, ids=LAYOUT_IDS)
+def test_copy_ranges_matches_numpy(
+    copier: NativeCopier, *, seed: int, count: int, top: int, run: float, threads: int
+) -> None:
+    dsts, srcs, lengths, dst_bytes, src_bytes = _layout(seed, count, top, run)
+    rng = np.random.default_rng(seed + 1000)
+    src = rng.integers(0, 256, src_bytes, dtype=np.uint8)
+    dst = rng.integers(0, 256, dst_bytes, dtype=np.uint8)  # poison: untouched bytes must stay
+    expected = _reference(dst, src, dsts, srcs, lengths)
+    used = copier.copy_ranges(
+        dsts + dst.ctypes.data, srcs + src.ctypes.data, lengths, threads=threads
+    )
+    np.testing.assert_array_equal(dst, expected)
+    assert 1 <= used <= threads
+
+
+def test_big_copies_are_shared_with_helper_threads(copier: NativeCopier) -> None:
+    # 16 MiB in 4 KiB pieces: a parked helper that never joined would leave every copy to the
+    # calling thread (still correct, never faster). It wakes in microseconds; 20 copies give it
+    # 20 chances.
+    src = np.random.default_rng(3).integers(0, 256, 16 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    offsets = np.arange(0, 16 * MiB, 4 * KiB, dtype=np.int64)
+    lengths = np.full(len(offsets), 4 * KiB, dtype=np.int64)
+    shuffled = np.random.default_rng(4).permutation(offsets)
+    used = [
+        copier.copy_ranges(
+            shuffled + dst.ctypes.data, offsets + src.ctypes.data, lengths, threads=4
+        )
+        for _ in range(20)
+    ]
+    pages = 4 * KiB
+    np.testing.assert_array_equal(dst.reshape(-1, pages)[shuffled // pages], src.reshape(-1, pages))
+    assert max(used) > 1, used
+
+
+def test_copies_from_many_threads_at_once(copier: NativeCopier) -> None:
+    # One call owns the helpers; the others copy alone. Every result must be whole.
+    rng = np.random.default_rng(5)
+    jobs = []
+    for seed in range(6):
+        dsts, srcs, lengths, dst_bytes, src_bytes = _layout(seed + 40, 256, 16 * KiB, 0.2)
+        src = rng.integers(0, 256, src_bytes, dtype=np.uint8)
+        dst = rng.integers(0, 256, dst_bytes, dtype=np.uint8)
+        jobs.append((dst, src, dsts, srcs, lengths, _reference(dst, src, dsts, srcs, lengths)))
+    errors: list[BaseException] = []
+
+    def run(job: tuple[np.ndarray, ...]) -> None:
+        dst, src, dsts, srcs, lengths, _ = job
+        try:
+            for _ in range(20):
+                copier.copy_ranges(
+                    dsts + dst.ctypes.data, srcs + src.ctypes.data, lengths, threads=4
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert not errors
+    assert not any(t.is_alive() for t in threads)
+    for dst, _, _, _, _, expected in jobs:
+        np.testing.assert_array_equal(dst, expected)
+
+
+def test_unequal_arrays_are_refused(copier: NativeCopier) -> None:
+    one = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="unequal"):
+        copier.copy_ranges(one, np.zeros(2, dtype=np.int64), one, threads=1)
+
+
+@pytest.fixture
+def forced_fallback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv(_env.NATIVE_COPY_VAR, "0")
+    _native.forget()
+    yield
+    _native.forget()
+
+
+@pytest.mark.parametrize(("seed", "count", "top", "run"), LAYOUTS, ids=LAYOUT_IDS)
+def test_forced_fallback_gives_identical_bytes(
+    copier: NativeCopier,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    seed: int,
+    count: int,
+    top: int,
+    run: float,
+) -> None:
+    dsts, srcs, lengths, dst_bytes, src_bytes = _layout(seed, count, top, run)
+    rng = np.random.default_rng(seed + 2000)
+    src = rng.integers(0, 256, src_bytes, dtype=np.uint8)
+    poison = rng.integers(0, 256, dst_bytes, dtype=np.uint8)
+    native, fallback = poison.copy(), poison.copy()
+    copier.copy_ranges(dsts + native.ctypes.data, srcs + src.ctypes.data, lengths, threads=3)
+    monkeypatch.setenv(_env.NATIVE_COPY_VAR, "0")
+    _native.forget()
+    try:
+        assert _native.load() is None
+        _memory.memcpy_ranges(dsts + fallback.ctypes.data, srcs + src.ctypes.data, lengths)
+    finally:
+        _native.forget()
+    np.testing.assert_array_equal(fallback, native)
+    np.testing.assert_array_equal(native, _reference(poison, src, dsts, srcs, lengths))
+
+
+@pytest.mark.usefixtures("forced_fallback")
+def test_forced_off_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=_native.__name__):
+        assert _native.load() is None
+        assert _native.load() is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert _env.NATIVE_COPY_VAR in messages[0]
+
+
+def test_bad_switch_value_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(_env.NATIVE_COPY_VAR, "maybe")
+    _native.forget()
+    try:
+        with caplog.at_level(logging.WARNING, logger=_native.__name__):
+            assert _native.load() is None
+    finally:
+        _native.forget()
+    assert "'maybe'" in caplog.text
+    assert _env.NATIVE_COPY_VAR in caplog.text
+
+
+# -- the build ------------------------------------------------------------------------------
+
+
+def test_build_once_then_reuse(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = _native.build(cache_dir=str(cache), compiler=_compiler())
+    built = Path(first.path)
+    mtime = built.stat().st_mtime_ns
+    second = _native.build(cache_dir=str(cache), compiler=_compiler())
+    assert second.path == first.path
+    assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert [p.name for p in cache.iterdir()] == [built.name]  # no temporary files left
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_concurrent_builders_leave_one_library(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from kvstack.transfer import _native
+        copier = _native.build(cache_dir={str(cache)!r}, compiler={_compiler()!r})
+        src = np.arange(100000, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        one = lambda value: np.array([value], dtype=np.int64)
+        copier.copy_ranges(one(dst.ctypes.data), one(src.ctypes.data), one(src.nbytes), threads=2)
+        assert (dst == src).all()
+        print(copier.path)
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    paths = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0
+        paths.append(out.strip())
+    assert len(set(paths)) == 1
+    assert [p.name for p in cache.iterdir()] == [Path(paths[0]).name]
+
+
+def test_missing_compiler_is_named(tmp_path: Path) -> None:
+    with pytest.raises(NativeUnavailable, match="kvstack-no-such-cc"):
+        _native.build(cache_dir=str(tmp_path), compiler="kvstack-no-such-cc")
+
+
+def test_failed_compile_says_why_and_leaves_nothing(tmp_path: Path) -> None:
+    cc = _compiler()
+    with pytest.raises(NativeUnavailable, match="kvstack-bad-flag") as info:
+        _native.build(cache_dir=str(tmp_path), compiler=f"{cc} --kvstack-bad-flag")
+    assert "exited with" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_writable_by_others_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(NativeUnavailable, match="writable by other users"):
+        _native.build(cache_dir=str(shared), compiler=_compiler())
+    assert list(shared.iterdir()) == []
+
+
+def test_fallback_when_no_compiler_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(_env.CACHE_DIR_VAR, str(tmp_path))
+    monkeypatch.setenv(_env.CC_VAR, "kvstack-no-such-cc")
+    _native.forget()
+    try:
+        with caplog.at_level(logging.WARNING, logger=_native.__name__):
+            assert _native.load() is None
+        # The copies still happen, the Python way.
+        src = np.arange(5000, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        _memory.memcpy_many([dst.ctypes.data], [src.ctypes.data], [src.nbytes])
+        np.testing.assert_array_equal(dst, src)
+    finally:
+        _native.forget()
+    assert "kvstack-no-such-cc" in caplog.text
+
+
+def test_forked_child_copies_with_helpers(copier: NativeCopier) -> None:
+    # The child of a process whose helpers exist has none (fork copies one thread): it must
+    # start its own, not wait on the parent's forever.
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        import numpy as np
+        from kvstack.transfer._native import NativeCopier
+        copier = NativeCopier({copier.path!r})
+        src = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+        offsets = np.arange(0, 8 << 20, 4096, dtype=np.int64)
+        lengths = np.full(len(offsets), 4096, dtype=np.int64)
+        def copy():
+            dst = np.zeros_like(src)
+            copier.copy_ranges(offsets + dst.ctypes.data, offsets + src.ctypes.data, lengths,
+                               threads=4)
+            return bool((dst == src).all())
+        assert copy()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if copy() and copy() else 1)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=TIMEOUT_S, check=False)
+    assert done.returncode == 0
+
+
+# -- socket I/O -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+def _tick(sock: socket.socket, seconds: float) -> None:
+    # The kernel timeout set_tick uses: a blocked call returns EAGAIN after it.
+    packed = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, packed)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, packed)
+
+
+@pytest.mark.parametrize("buffered", [0, 1, 5000, -1], ids=["none", "1", "5000", "all"])
+@pytest.mark.parametrize(("seed", "count", "top", "run"), LAYOUTS[1:7], ids=LAYOUT_IDS[1:7])
+def test_send_then_recv_ranges_byte_for_byte(
+    copier: NativeCopier,
+    pair: tuple[socket.socket, socket.socket],
+    *,
+    seed: int,
+    count: int,
+    top: int,
+    run: float,
+    buffered: int,
+) -> None:
+    """Ranges of one array sent in order, received into ranges of another: the receiver takes
+    its first ``buffered`` bytes from a buffer (what FrameReader read ahead), the rest from the
+    socket. Megabytes do not fit a socket buffer, so both sides block and resume.
+    """
+    a, b = pair
+    dsts, srcs, lengths, dst_bytes, src_bytes = _layout(seed, count, top, run)
+    total = int(lengths.sum())
+    rng = np.random.default_rng(seed + 3000)
+    src = rng.integers(0, 256, src_bytes, dtype=np.uint8)
+    dst = rng.integers(0, 256, dst_bytes, dtype=np.uint8)
+    expected = _reference(dst, src, dsts, srcs, lengths)
+    stream = np.concatenate(
+        [src[s : s + n] for s, n in zip(srcs, lengths, strict=True)] or [src[:0]]
+    )
+    ahead = total if buffered < 0 else min(buffered, total)
+    head = np.ascontiguousarray(stream[:ahead])
+    # The sender skips what the receiver already holds, by sending from that offset on.
+    sent = ctypes.c_int64(ahead)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            while not copier.send_ranges(a.fileno(), srcs + src.ctypes.data, lengths, sent):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = ctypes.c_int64(0)
+    _tick(b, TIMEOUT_S)
+    finished = copier.recv_ranges(
+        b.fileno(),
+        dsts + dst.ctypes.data,
+        lengths,
+        got,
+        buffered_address=head.ctypes.data,
+        buffered_bytes=ahead,
+    )
+    sender.join(TIMEOUT_S)
+    assert not errors
+    assert finished
+    assert (got.value, sent.value) == (total, total)
+    np.testing.assert_array_equal(dst, expected)
+
+
+def test_recv_ranges_gives_up_at_the_tick_and_resumes(
+    copier: NativeCopier, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    _tick(b, 0.05)
+    dst = np.zeros(10, dtype=np.uint8)
+    addresses = np.array([dst.ctypes.data, dst.ctypes.data + 5], dtype=np.int64)
+    lengths = np.array([5, 5], dtype=np.int64)
+    done = ctypes.c_int64(0)
+    a.sendall(b"abc")
+    assert not copier.recv_ranges(b.fileno(), addresses, lengths, done)  # 3 bytes, then EAGAIN
+    assert done.value == 3
+    a.sendall(b"defghij")
+    assert copier.recv_ranges(b.fileno(), addresses, lengths, done)
+    assert bytes(dst) == b"abcdefghij"
+
+
+def test_recv_ranges_reports_a_closed_peer(
+    copier: NativeCopier, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    dst = np.zeros(100, dtype=np.uint8)
+    a.sendall(b"x" * 40)
+    a.close()
+    done = ctypes.c_int64(0)
+    one = np.array([dst.ctypes.data], dtype=np.int64)
+    with pytest.raises(EOFError, match="after 40 bytes"):
+        copier.recv_ranges(b.fileno(), one, np.array([100], dtype=np.int64), done)
+
+
+def test_send_ranges_to_a_closed_peer_is_an_error_not_a_signal(
+    copier: NativeCopier, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    b.close()
+    src = np.zeros(1 << 16, dtype=np.uint8)
+    one = np.array([src.ctypes.data], dtype=np.int64)
+    # OSError(errno) comes back as its subclass: EPIPE or, if the kernel saw the close first,
+    # ECONNRESET.
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        copier.send_ranges(
+            a.fileno(), one, np.array([src.nbytes], dtype=np.int64), ctypes.c_int64(0)
+        )
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_env.CACHE_DIR_VAR, "/somewhere/else")
+    assert _env.cache_dir() == "/somewhere/else"
+    monkeypatch.delenv(_env.CACHE_DIR_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert _env.cache_dir() == os.path.join("/xdg", "kvstack")
