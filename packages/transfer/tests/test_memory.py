@@ -3,6 +3,10 @@ the native library and the pure-Python fallback."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -136,3 +140,47 @@ def test_memcpy_byte_for_byte(copy_threads: str, length: int) -> None:
     expected[7 : 7 + length] = src[3 : 3 + length]
     _memory.memcpy(dst.ctypes.data + 7, src.ctypes.data + 3, length)
     np.testing.assert_array_equal(dst, expected)
+
+
+def _allocated_bytes(region: _memory.ShmRegion) -> int:
+    return os.stat(os.path.join(_memory.SHM_DIR, region.name)).st_blocks * 512
+
+
+def _resident_bytes(address: int) -> int:
+    """Rss of the mapping of this process that starts at ``address`` (from /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = int(head.split("-")[0], 16) == address
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping starts at {address:#x}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="shm and /proc are Linux's")
+def test_prefaulted_segment_is_allocated_and_peers_map_every_page() -> None:
+    size = 8 << 20
+    sparse = _memory.ShmRegion.create(size)
+    owner = _memory.ShmRegion.create(size, prefault=True)
+    try:
+        assert _allocated_bytes(sparse) == 0  # sparse: pages appear when touched
+        assert _allocated_bytes(owner) == size
+        assert _resident_bytes(owner.address) == size
+        # A peer of the prefaulted file maps every page in the background; a peer of the
+        # sparse one maps none (populating it would allocate its holes).
+        peer = _memory.ShmRegion.open(owner.name, size, writable=True)
+        sparse_peer = _memory.ShmRegion.open(sparse.name, size, writable=True)
+        deadline = time.monotonic() + 30
+        while _resident_bytes(peer.address) < size and time.monotonic() < deadline:
+            time.sleep(0.01)  # the populate thread's progress, bounded
+        assert _resident_bytes(peer.address) == size
+        assert _resident_bytes(sparse_peer.address) == 0
+        assert _allocated_bytes(sparse) == 0
+        # The pages are the owner's: bytes written by the peer are there.
+        peer.array[12345:12349] = [1, 2, 3, 4]
+        assert owner.array[12345:12349].tolist() == [1, 2, 3, 4]
+    finally:
+        sparse.unlink()
+        owner.unlink()

@@ -75,7 +75,8 @@ class StoreNode:
         while remaining > 0:
             size = min(remaining, self.config.segment_bytes)
             name = f"kvs-{self.name}-{self.incarnation[:8]}-{index}"
-            self._segments[name] = self._engine.allocate(name, size)
+            # Contributed memory is committed now: no page faults under puts later.
+            self._segments[name] = self._engine.allocate(name, size, prefault=True)
             remaining -= size
             index += 1
         self._register()

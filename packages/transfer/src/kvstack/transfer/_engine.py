@@ -146,13 +146,16 @@ class Engine:
             segment.readonly = True
         return self._publish(segment)
 
-    def allocate(self, name: str, size_bytes: int | str) -> np.ndarray:
+    def allocate(self, name: str, size_bytes: int | str, *, prefault: bool = False) -> np.ndarray:
         """Allocate a shared-memory segment (zeroed) and return it as a uint8 array.
 
-        Peers on this host map it directly (the ``shm`` transport); others use tcp.
+        Peers on this host map it directly (the ``shm`` transport); others use tcp. Memory is
+        taken as pages are first touched, unless ``prefault``: then it is all allocated now
+        (a store node's contribution), and peers that map it map every page at once instead
+        of faulting on each first touch.
         """
         size = parse_size(size_bytes)
-        segment = shm_segment(self._check_name(name), size)
+        segment = shm_segment(self._check_name(name), size, prefault=prefault)
         try:
             self._publish(segment)
         except BaseException:

@@ -73,12 +73,34 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+# madvise advice of Linux 5.14+ (Python 3.11's mmap module does not name them): fault a range's
+# pages in now, for reading or writing, instead of one fault per 4 KiB page on first touch.
+_MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
+# Populated this much per madvise call: a background populate yields to the process between.
+_POPULATE_CHUNK_BYTES = 64 << 20
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise  # a CDLL call releases the GIL
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _libc_madvise() if sys.platform == "linux" else None
+
+
 class ShmRegion:
     """A file in /dev/shm mapped into this process (created by the owner, opened by peers)."""
 
     def __init__(self, name: str, size_bytes: int, *, fd: int, writable: bool) -> None:
         self.name = name
         self.size_bytes = size_bytes
+        self.writable = writable
         # mmap cannot map 0 bytes: an empty segment is an empty array.
         self._mmap: mmap.mmap | None = None
         if size_bytes:
@@ -90,14 +112,21 @@ class ShmRegion:
         self.address: int = self.array.ctypes.data
 
     @classmethod
-    def create(cls, size_bytes: int) -> ShmRegion:
-        """A new sparse file under /dev/shm named after this host and pid (see sweep_stale)."""
+    def create(cls, size_bytes: int, *, prefault: bool = False) -> ShmRegion:
+        """A new file under /dev/shm named after this host and pid (see sweep_stale).
+
+        Sparse (pages appear when touched) unless ``prefault``: then every page is allocated
+        and mapped now, before this returns.
+        """
         name = f"{_SHM_PREFIX}{_HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}"
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size_bytes)  # sparse on tmpfs: pages appear when touched
-            return cls(name, size_bytes, fd=fd, writable=True)
+            os.ftruncate(fd, size_bytes)
+            region = cls(name, size_bytes, fd=fd, writable=True)
+            if prefault:
+                region.populate()
+            return region
         except BaseException:
             os.unlink(path)
             raise
@@ -115,9 +144,33 @@ class ShmRegion:
                 raise InvalidRequest(
                     f"shared memory {name!r} holds {actual} bytes, metadata says {size_bytes}"
                 )
-            return cls(name, size_bytes, fd=fd, writable=writable)
+            region = cls(name, size_bytes, fd=fd, writable=writable)
+            # Every page of a fully allocated file (an owner that prefaulted: a store node)
+            # exists: map them all, in the background, so copies into it take no page fault
+            # (H200 box, first 1 MiB copy into a region: 363 us faulting, 57 us mapped). A
+            # sparse file is left alone: populating it would allocate its holes.
+            if os.fstat(fd).st_blocks * 512 >= size_bytes:
+                threading.Thread(
+                    target=region.populate, name="kvstack-transfer-populate", daemon=True
+                ).start()
+            return region
         finally:
             os.close(fd)
+
+    def populate(self) -> None:
+        """Fault in every page of the mapping (allocating the file's holes, if writable).
+
+        Best effort: without MADV_POPULATE_* (Linux < 5.14) pages keep faulting in on first
+        touch, as they would anyway.
+        """
+        if _madvise is None or not self.size_bytes:
+            return
+        advice = _MADV_POPULATE_WRITE if self.writable else _MADV_POPULATE_READ
+        for start in range(0, self.size_bytes, _POPULATE_CHUNK_BYTES):
+            length = min(_POPULATE_CHUNK_BYTES, self.size_bytes - start)
+            if _madvise(self.address + start, length, advice) != 0:
+                logger.debug("populating %s failed: %s", self.name, os.strerror(ctypes.get_errno()))
+                return
 
     def unlink(self) -> None:
         """Remove the file: no new peer can map it; existing mappings stay valid.
@@ -268,8 +321,8 @@ def _segment_from_tensor(name: str, tensor: torch.Tensor) -> LocalSegment:
     )
 
 
-def shm_segment(name: str, size_bytes: int) -> LocalSegment:
-    region = ShmRegion.create(size_bytes)
+def shm_segment(name: str, size_bytes: int, *, prefault: bool = False) -> LocalSegment:
+    region = ShmRegion.create(size_bytes, prefault=prefault)
     return LocalSegment(
         name=name,
         size_bytes=size_bytes,
