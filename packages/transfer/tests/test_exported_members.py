@@ -41,6 +41,7 @@ def test_all_is_the_sorted_public_surface() -> None:
         "TransferTimeout",
         "Transport",
         "TransportUnavailable",
+        "copy_host",
         "format_size",
         "open_metadata",
         "parse_size",

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from kvstack.transfer import _memory
+from kvstack.transfer import InvalidRequest, _memory
 from kvstack.transfer._memory import coalesce, memcpy_many, memcpy_ranges
 
 KiB = 1 << 10
@@ -184,3 +184,25 @@ def test_prefaulted_segment_is_allocated_and_peers_map_every_page() -> None:
     finally:
         sparse.unlink()
         owner.unlink()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streaming"])
+@pytest.mark.parametrize(
+    "length", [0, 1, 63, (64 << 10) - 1, (64 << 10) + 17, (1 << 20) + 5, (5 << 20) + 3]
+)
+def test_copy_host_byte_for_byte(stream: bool, length: int) -> None:
+    rng = np.random.default_rng()
+    src_buffer = rng.integers(0, 256, length + 64, dtype=np.uint8)
+    dst_buffer = np.zeros(length + 64, dtype=np.uint8)
+    # Unaligned on both sides: streaming stores align the destination themselves.
+    s, d = int(rng.integers(1, 16)), int(rng.integers(1, 16))
+    _memory.copy_host(dst_buffer[d : d + length], src_buffer[s : s + length], stream=stream)
+    assert np.array_equal(dst_buffer[d : d + length], src_buffer[s : s + length])
+    assert not dst_buffer[:d].any() and not dst_buffer[d + length :].any()  # nothing past it
+
+
+def test_copy_host_refuses_mismatched_arrays() -> None:
+    with pytest.raises(InvalidRequest, match="copy of 8 bytes into 4"):
+        _memory.copy_host(np.zeros(4, dtype=np.uint8), np.zeros(8, dtype=np.uint8))
+    with pytest.raises(InvalidRequest, match="writable destination"):
+        _memory.copy_host(np.zeros(8, dtype=np.uint8)[::2], np.zeros(4, dtype=np.uint8))

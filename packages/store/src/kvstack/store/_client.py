@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from kvstack.transfer import (
     EngineConfig,
     SegmentNotFound,
     TransferError,
+    copy_host,
 )
 from kvstack.transfer import Op as TransferOp
 
@@ -58,12 +60,14 @@ T = TypeVar("T")
 # Batches moving more than this use the client's threads: checksums in parallel, verified reads
 # in groups, and the item-by-item fail-over path.
 _PARALLEL_BYTES = 4 << 20
-_TRANSFER_THREADS = 4
+# Up to 8 on bigger machines: a verified 64 x 1 MiB batch read on 4 threads ran at 9.6 GB/s on
+# the H200 box's 16 cores, where the engine's own batch (8 copy threads) did 44.
+_TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
 # Verified batch reads are copied and checked in groups of about this many bytes, one group per
 # thread (see _get_many). 64 x 1 MiB on the 2-core box with CRC-32: 2.8 GB/s this way, 2.7 as
 # one batch checked afterwards (the bytes have left the cache); with XXH3-64 and same-host
 # copies, 7.6 GB/s (6.0 with the copies as engine batches per group; the engine alone 10.9).
-_VERIFY_GROUP_BYTES = 16 << 20
+_VERIFY_GROUP_BYTES = 8 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
@@ -722,7 +726,8 @@ class StoreClient:
         dest = self._engine.map_segment(segment)
         if dest is None or not dest.flags.writeable or offset + view.nbytes > dest.nbytes:
             return False
-        np.copyto(dest[offset : offset + view.nbytes], view)
+        # Streaming stores: this process does not read the node's copy back.
+        copy_host(dest[offset : offset + view.nbytes], view, stream=True)
         return True
 
     def _read_direct(self, loc: _Located) -> bytes | None:

@@ -21,6 +21,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#if defined(__x86_64__)
+#include <emmintrin.h> /* SSE2: every x86-64 has it */
+#endif
 
 /* ---- runs: ranges that continue each other on both sides go out as one memmove ----------- */
 
@@ -28,13 +31,51 @@ struct run {
     char *dst;
     const char *src;
     size_t len;
+    int stream;
 };
+
+/* Streaming (non-temporal) stores from this many bytes of a run, when asked for: the copy
+ * writes memory without first reading the destination's lines into the cache. For bytes this
+ * process will not read again (a put into a store node's segment): 1 MiB into a cold shm
+ * mapping took 39-41 us this way, 50-58 us with memcpy (2-core CI box). */
+#define STREAM_MIN (64 << 10)
+
+static void copy_stream(char *dst, const char *src, size_t len)
+{
+#if defined(__x86_64__)
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15; /* streaming stores need 16-byte alignment */
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    len -= head;
+    size_t body = len & ~(size_t)63;
+    for (size_t i = 0; i < body; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    _mm_sfence(); /* the stores are visible before whatever the caller does next (a commit) */
+    memcpy(dst + body, src + body, len - body);
+#else
+    memcpy(dst, src, len);
+#endif
+}
 
 static void run_flush(struct run *run)
 {
-    /* memmove, not memcpy: a range whose source and destination overlap (two mappings of one
-     * shm file) stays as defined as it was with ctypes.memmove. Same speed otherwise. */
-    if (run->len)
+    if (run->len == 0)
+        return;
+    int apart = run->dst + run->len <= run->src || run->src + run->len <= run->dst;
+    if (run->stream && apart && run->len >= STREAM_MIN)
+        copy_stream(run->dst, run->src, run->len);
+    else
+        /* memmove, not memcpy: a range whose source and destination overlap (two mappings of
+         * one shm file) stays as defined as it was with ctypes.memmove. Same speed otherwise. */
         memmove(run->dst, run->src, run->len);
     run->len = 0;
 }
@@ -77,6 +118,7 @@ struct job {
     int64_t chunks;
     int64_t next; /* next chunk to take (atomic) */
     int joined;   /* helpers that took part (under pool_lock) */
+    int stream;   /* streaming stores for long runs (see copy_stream) */
 };
 
 /* Copy bytes [lo, hi) of the batch's byte stream (range i holds bytes starts[i]..starts[i+1]). */
@@ -91,7 +133,7 @@ static void copy_bytes(const struct job *job, int64_t lo, int64_t hi)
         else
             b = mid - 1;
     }
-    struct run run = {NULL, NULL, 0};
+    struct run run = {NULL, NULL, 0, job->stream};
     for (int64_t i = a; i < job->n && job->starts[i] < hi; i++) {
         int64_t begin = job->starts[i] > lo ? job->starts[i] : lo;
         int64_t end = job->starts[i + 1] < hi ? job->starts[i + 1] : hi;
@@ -116,9 +158,10 @@ static void take_chunks(struct job *job)
     }
 }
 
-static void copy_alone(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths, int64_t n)
+static void copy_alone(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths, int64_t n,
+                       int stream)
 {
-    struct run run = {NULL, NULL, 0};
+    struct run run = {NULL, NULL, 0, stream};
     for (int64_t i = 0; i < n; i++)
         run_add(&run, (char *)(intptr_t)dsts[i], (const char *)(intptr_t)srcs[i],
                 (size_t)lengths[i]);
@@ -215,10 +258,11 @@ static int grow_pool(int wanted)
 
 /* Copy lengths[i] bytes from srcs[i] to dsts[i] for every i < n (addresses as int64), on this
  * thread and up to threads - 1 helpers. Destinations must not overlap each other: chunks run
- * in no particular order. Returns how many threads copied: 1 when the batch was copied here
- * alone (small, threads < 2, the pool busy with another call, no memory for the table). */
+ * in no particular order. `stream`: long runs use streaming stores (copy_stream). Returns how
+ * many threads copied: 1 when the batch was copied here alone (small, threads < 2, the pool
+ * busy with another call, no memory for the table). */
 int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths,
-                        int64_t n, int threads)
+                        int64_t n, int threads, int stream)
 {
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++)
@@ -226,7 +270,7 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads < 2 || total < 2 * CHUNK_ALIGN) {
-        copy_alone(dsts, srcs, lengths, n);
+        copy_alone(dsts, srcs, lengths, n, stream);
         return 1;
     }
     pthread_once(&pool_once, pool_init);
@@ -234,13 +278,13 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     int64_t *starts = busy ? NULL : malloc((size_t)(n + 1) * sizeof *starts);
     if (starts == NULL) {
         pthread_mutex_unlock(&pool_lock);
-        copy_alone(dsts, srcs, lengths, n);
+        copy_alone(dsts, srcs, lengths, n, stream);
         return 1;
     }
     starts[0] = 0;
     for (int64_t i = 0; i < n; i++)
         starts[i + 1] = starts[i] + lengths[i];
-    struct job job = {dsts, srcs, lengths, n, starts, total, 0, 0, 0, 0};
+    struct job job = {dsts, srcs, lengths, n, starts, total, 0, 0, 0, 0, stream};
     int64_t chunk = total / ((int64_t)threads * CHUNKS_PER_THREAD);
     if (chunk > MAX_CHUNK_BYTES)
         chunk = MAX_CHUNK_BYTES;

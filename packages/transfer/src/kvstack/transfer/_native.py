@@ -62,7 +62,7 @@ class NativeCopier:
         library = ctypes.CDLL(path)  # CDLL (not PyDLL): every call releases the GIL
         vp, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._copy = library.kvstack_copy_ranges
-        self._copy.argtypes = (vp, vp, vp, i64, c_int)
+        self._copy.argtypes = (vp, vp, vp, i64, c_int, c_int)
         self._copy.restype = c_int
         self._send = library.kvstack_send_ranges
         self._send.argtypes = (c_int, vp, vp, i64, _I64P)
@@ -73,16 +73,27 @@ class NativeCopier:
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
-        self, dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray, *, threads: int
+        self,
+        dsts: np.ndarray,
+        srcs: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        threads: int,
+        stream: bool = False,
     ) -> int:
         """Copy ``lengths[i]`` bytes from address ``srcs[i]`` to address ``dsts[i]`` for every
         i, on this thread and up to ``threads - 1`` helpers; returns how many threads copied.
+        ``stream``: long runs bypass the cache (for bytes this process will not read again).
 
         Every range must be bounds-checked by the caller: the C side trusts them.
         """
         dsts, srcs, lengths = _int64s(dsts), _int64s(srcs), _int64s(lengths)
         n = _same_length(dsts, srcs, lengths)
-        return int(self._copy(dsts.ctypes.data, srcs.ctypes.data, lengths.ctypes.data, n, threads))
+        return int(
+            self._copy(
+                dsts.ctypes.data, srcs.ctypes.data, lengths.ctypes.data, n, threads, int(stream)
+            )
+        )
 
     def send_ranges(
         self, fd: int, addresses: np.ndarray, lengths: np.ndarray, done: ctypes.c_int64
