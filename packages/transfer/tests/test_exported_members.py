@@ -42,6 +42,7 @@ def test_all_is_the_sorted_public_surface() -> None:
         "Transport",
         "TransportUnavailable",
         "copy_host",
+        "copy_host_many",
         "format_size",
         "open_metadata",
         "parse_size",

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from kvstack.transfer import (
     SegmentNotFound,
     TransferError,
     copy_host,
+    copy_host_many,
 )
 from kvstack.transfer import Op as TransferOp
 
@@ -57,17 +58,21 @@ __all__ = ["AsyncStoreClient", "StoreClient"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Batches moving more than this use the client's threads: checksums in parallel, verified reads
-# in groups, and the item-by-item fail-over path.
+# Batches moving more than this use the client's threads: checksums in parallel and the
+# item-by-item fail-over path.
 _PARALLEL_BYTES = 4 << 20
 # Up to 8 on bigger machines: a verified 64 x 1 MiB batch read on 4 threads ran at 9.6 GB/s on
 # the H200 box's 16 cores, where the engine's own batch (8 copy threads) did 44.
 _TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
-# Verified batch reads are copied and checked in groups of about this many bytes, one group per
-# thread (see _get_many). 64 x 1 MiB on the 2-core box with CRC-32: 2.8 GB/s this way, 2.7 as
-# one batch checked afterwards (the bytes have left the cache); with XXH3-64 and same-host
-# copies, 7.6 GB/s (6.0 with the copies as engine batches per group; the engine alone 10.9).
-_VERIFY_GROUP_BYTES = 8 << 20
+# A put's checksum of this many bytes or more runs on a pool thread beside its PUT_START round
+# trip and its copy (both only read the value), where cores allow: on the H200 box XXH3 of
+# 1 MiB took 57 us, more than the round trip (~23 us) it otherwise hides in. On the 2-core box
+# it takes 19 us, about what waking a pool thread costs there, so it stays inline.
+_HASH_ASIDE_BYTES = 256 << 10
+_HASH_ASIDE = (os.cpu_count() or 1) >= 4
+# Same-host batch reads are copied in groups of about this many bytes, each checked on a pool
+# thread while the next is copied (see _read_verified).
+_VERIFY_GROUP_BYTES = 2 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
@@ -95,6 +100,11 @@ class _Located:
     def verifies(self, data: memoryview | bytes) -> bool:
         """Whether ``data`` (the object's bytes) matches the committed checksum."""
         return checksum(data, self.checksum_kind) == self.checksum
+
+
+def _verify_all(read: list[tuple[int, _Located, np.ndarray]]) -> list[bool]:
+    """Whether each read view holds its object's checksum."""
+    return [loc.verifies(view.data) for _i, loc, view in read]
 
 
 def _checksum(view: np.ndarray) -> int:
@@ -412,11 +422,14 @@ class StoreClient:
         if attrs:
             request["attrs"] = attrs
         digest: list[int] = []  # the checksum, computed while the master allocates
+        aside: Future[int] | None = None
+        if view.nbytes >= _HASH_ASIDE_BYTES and _HASH_ASIDE:
+            aside = self._pool_get().submit(checksum, view.data)  # beside the copy as well
         reply = self._master.call(
             Op.PUT_START,
             {"items": [request]},
             timeout_s=self._left(deadline, "put"),
-            while_waiting=lambda: digest.append(checksum(view.data)),
+            while_waiting=None if aside else lambda: digest.append(checksum(view.data)),
         )
         item = reply["items"][0]
         if "error" in item:
@@ -435,7 +448,10 @@ class StoreClient:
                 Op.PUT_ABORT, {"items": [{"put_id": put_id}]}, timeout_s=self._left(deadline, "put")
             )
             raise written
-        commit: dict[str, Any] = {"put_id": put_id, "checksum": digest[0]}
+        commit: dict[str, Any] = {
+            "put_id": put_id,
+            "checksum": aside.result() if aside else digest[0],
+        }
         if written:
             commit["failed"] = written
         reply = self._master.call(
@@ -608,33 +624,53 @@ class StoreClient:
     def _read_verified(
         self, batched: list[tuple[int, _Located, np.ndarray]], deadline: float
     ) -> list[tuple[int, _Located, np.ndarray]]:
-        """Read each item's first replica in one engine batch; returns the items that arrived
-        (and match their checksum, if verifying). The others fail over in ``_read``."""
+        """Read each item's first replica: same-host ones by copies shared by the transfer
+        engine's copy threads, the others in one engine batch. Returns the items that arrived
+        and match their checksum (if verifying); the others fail over in ``_read``."""
         verify = self.config.verify_checksums
         items: list[BufferItem] = []
         engine: list[tuple[int, _Located, np.ndarray]] = []
-        read: list[tuple[int, _Located, np.ndarray]] = []
+        direct: list[tuple[int, _Located, np.ndarray]] = []
+        sources: list[np.ndarray] = []
+        mapped: dict[str, np.ndarray | None] = {}
         for b in batched:
             _i, loc, view = b
-            source = self._direct(loc)
+            source = self._direct(loc, mapped)
             if source is not None:
-                np.copyto(view, source)
-                if not verify or loc.verifies(view.data):
-                    read.append(b)
-                continue  # a mismatch fails over in _read
+                direct.append(b)
+                sources.append(source)
+                continue
             _node, segment, offset = loc.replicas[0]
             items.append((view, segment, offset))
             engine.append(b)
-        if not items:
-            return read
-        try:
-            failures = self._transfer(TransferOp.READ, items, deadline, "get")
-        except (StoreError, TransferError):  # out of time, or refused: item by item instead
-            return read
-        arrived = [b for k, b in enumerate(engine) if k not in failures]
-        if verify:
-            arrived = [b for b in arrived if b[1].verifies(b[2].data)]
-        return read + arrived
+        checked: list[Future[list[bool]]] = []
+        if direct:
+            # Copied in groups of ~_VERIFY_GROUP_BYTES; a pool thread checks each group while
+            # the next one is copied and its bytes are still in cache (XXH3 drops the GIL).
+            start, size = 0, 0
+            for k, (_i, loc, _view) in enumerate(direct):
+                size += loc.size
+                if size < _VERIFY_GROUP_BYTES and k + 1 < len(direct):
+                    continue
+                group = direct[start : k + 1]
+                copy_host_many([view for _i, _loc, view in group], sources[start : k + 1])
+                if verify:
+                    checked.append(self._pool_get().submit(_verify_all, group))
+                start, size = k + 1, 0
+        arrived = direct
+        if items:
+            try:
+                failures = self._transfer(TransferOp.READ, items, deadline, "get")
+            except (StoreError, TransferError):  # out of time, or refused: item by item instead
+                failures = dict.fromkeys(range(len(items)))
+            engine = [b for k, b in enumerate(engine) if k not in failures]
+            if verify:
+                checked.append(self._pool_get().submit(_verify_all, engine))
+            arrived = direct + engine
+        if not verify:
+            return arrived
+        good = [ok for future in checked for ok in future.result()]
+        return [b for b, ok in zip(arrived, good, strict=True) if ok]  # a mismatch fails over
 
     def _write_all(
         self, puts: list[tuple[str, np.ndarray, list[list[Any]]]], deadline: float
@@ -704,18 +740,26 @@ class StoreClient:
             time.sleep(delay)  # back-off before resolving the segment again
             delay = min(delay * 2, 0.25)
 
-    def _direct(self, loc: _Located) -> np.ndarray | None:
+    def _direct(
+        self, loc: _Located, mapped: dict[str, np.ndarray | None] | None = None
+    ) -> np.ndarray | None:
         """The first replica's bytes in the engine's same-host mapping (no copy), or None.
 
         An object's get through a transfer batch costs more in bookkeeping than the copy
         (16 us back to back, 40-50 us right after the master's reply, against ~2 us of memcpy
         on the 2-core box). The master's read lease keeps the range from reuse while it is
-        read, and the checksum is verified; anything else goes through ``_read``.
+        read, and the checksum is verified; anything else goes through ``_read``. A batch
+        passes ``mapped`` so that each segment is looked up (and checked) once.
         """
         if loc.size > DIRECT_MAX_BYTES or not loc.replicas:
             return None
         _node, segment, offset = loc.replicas[0]
-        array = self._engine.map_segment(segment)
+        if mapped is None:
+            array = self._engine.map_segment(segment)
+        elif segment in mapped:
+            array = mapped[segment]
+        else:
+            array = mapped[segment] = self._engine.map_segment(segment)
         if array is None or offset + loc.size > array.nbytes:
             return None
         return array[offset : offset + loc.size]
@@ -838,23 +882,7 @@ class StoreClient:
                 outcomes[i] = ItemOutcome(i, keys[i], finish(i, loc, view), None)
             elif loc.replicas:
                 batched.append((i, loc, view))
-        total = sum(loc.size for _i, loc, _view in batched)
-        if self.config.verify_checksums and len(batched) > 1 and total >= _PARALLEL_BYTES:
-            # Big and verified: the batch is cut into groups of ~_VERIFY_GROUP_BYTES, each
-            # copied (same-host copies or one engine batch) and checked by one pool thread
-            # while its bytes are still in cache, so checks overlap other groups' copies.
-            groups: list[list[tuple[int, _Located, np.ndarray]]] = [[]]
-            size = 0
-            for b in batched:
-                if size >= _VERIFY_GROUP_BYTES:
-                    groups.append([])
-                    size = 0
-                groups[-1].append(b)
-                size += b[1].size
-            verified = self._pool_get().map(self._read_verified, groups, [deadline] * len(groups))
-            read = [b for group in verified for b in group]
-        else:
-            read = self._read_verified(batched, deadline) if batched else batched
+        read = self._read_verified(batched, deadline) if batched else batched
         for i, loc, view in read:
             outcomes[i] = ItemOutcome(i, keys[i], finish(i, loc, view), None)
         rest = [i for i in range(n) if outcomes[i] is None]

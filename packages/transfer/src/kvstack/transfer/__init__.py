@@ -21,7 +21,7 @@ from kvstack.transfer._async import AsyncEngine
 from kvstack.transfer._batch import Batch
 from kvstack.transfer._config import EngineConfig, format_size, parse_size
 from kvstack.transfer._engine import Engine
-from kvstack.transfer._memory import copy_host
+from kvstack.transfer._memory import copy_host, copy_host_many
 from kvstack.transfer._metadata import MetadataBackend, open_metadata
 from kvstack.transfer._metadata_server import MetadataServer
 from kvstack.transfer._transport import Transport
@@ -81,6 +81,7 @@ __all__ = [
     "Transport",
     "TransportUnavailable",
     "copy_host",
+    "copy_host_many",
     "format_size",
     "open_metadata",
     "parse_size",

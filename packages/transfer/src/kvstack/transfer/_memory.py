@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ __all__ = [
     "LocalSegment",
     "ShmRegion",
     "copy_host",
+    "copy_host_many",
     "copy_region",
     "host_id",
     "is_alive",
@@ -357,11 +358,12 @@ def _usable_cores() -> int:
 # process that copies keeps its helpers.
 _NATIVE_THREADS = max(1, min(8, _usable_cores()))
 _BYTES_PER_THREAD = 256 << 10
-# A single range is shared with helpers from this size. 2-core CI box, into a cold shm
-# mapping: 1 MiB took 83-96 us on 2 threads, 46-49 on one; 4 MiB (streaming) 124-135 on two,
-# 160-172 on one. Shorter ones are one ctypes.memmove (a cheaper call than the native copier's,
-# 2.7 vs 4.4 us), unless streaming.
-SHARED_COPY_BYTES = 2 << 20
+# A single range is shared with helpers from this size. Into a prefaulted shm mapping: on the
+# 2-core CI box 1 MiB took 83-96 us on 2 threads, 46-49 on one (waking a helper on the other,
+# busy vCPU costs), 4 MiB (streaming) 124-135 on two, 160-172 on one; on the H200 box's 16
+# cores 1 MiB streamed at 13.9 GB/s on one thread, 23.0 on four. Shorter ones are one
+# ctypes.memmove (a cheaper call than the native copier's, 2.7 vs 4.4 us), unless streaming.
+SHARED_COPY_BYTES = (512 << 10) if _NATIVE_THREADS >= 8 else (2 << 20)
 # Streaming copies from this size (the native copier's STREAM_MIN).
 STREAM_COPY_BYTES = 64 << 10
 
@@ -454,16 +456,20 @@ def _pieces(
     return dsts[index] + start, srcs[index] + start, np.minimum(lengths[index] - start, piece_bytes)
 
 
-def memcpy_ranges(dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray) -> None:
+def memcpy_ranges(
+    dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray, *, stream: bool = False
+) -> None:
     """Copy checked ranges ``dsts[i] <- srcs[i]`` of ``lengths[i]`` bytes (int64 arrays of
-    addresses and byte counts); shared with helper threads by bytes when large.
+    addresses and byte counts); shared with helper threads by bytes when large. ``stream``:
+    see ``memcpy``.
 
     Ranges adjacent on both sides are copied as one. Destinations should not overlap: a large
     copy runs its pieces in no particular order.
     """
     copier = _native.load()
     if copier is not None:
-        copier.copy_ranges(dsts, srcs, lengths, threads=_native_threads(int(lengths.sum())))
+        threads = _native_threads(int(lengths.sum()))
+        copier.copy_ranges(dsts, srcs, lengths, threads=threads, stream=stream)
         return
     _memcpy_ranges_python(dsts, srcs, lengths)
 
@@ -544,12 +550,34 @@ def copy_host(dst: np.ndarray, src: np.ndarray, *, stream: bool = False) -> None
     engine's own copier: the GIL released, helper threads for big copies, and with ``stream``
     stores that bypass the cache (for a destination this process will not read again, such as
     a store put into a node's segment mapped through ``Engine.map_segment``)."""
+    _check_host_pair(dst, src)
+    if dst.nbytes:
+        memcpy(dst.ctypes.data, src.ctypes.data, dst.nbytes, stream=stream)
+
+
+def copy_host_many(
+    dsts: Sequence[np.ndarray], srcs: Sequence[np.ndarray], *, stream: bool = False
+) -> None:
+    """``copy_host`` of many pairs in one call, shared by bytes over the copier's threads (a
+    store's batch read of same-host objects). Destinations must not overlap."""
+    if len(dsts) != len(srcs):
+        raise InvalidRequest(f"{len(srcs)} sources for {len(dsts)} destinations")
+    for dst, src in zip(dsts, srcs, strict=True):
+        _check_host_pair(dst, src)
+    n = len(dsts)
+    memcpy_ranges(
+        np.fromiter((d.ctypes.data for d in dsts), dtype=np.int64, count=n),
+        np.fromiter((s.ctypes.data for s in srcs), dtype=np.int64, count=n),
+        np.fromiter((d.nbytes for d in dsts), dtype=np.int64, count=n),
+        stream=stream,
+    )
+
+
+def _check_host_pair(dst: np.ndarray, src: np.ndarray) -> None:
     if dst.nbytes != src.nbytes:
         raise InvalidRequest(f"copy of {src.nbytes} bytes into {dst.nbytes}")
     if not (dst.flags.c_contiguous and src.flags.c_contiguous and dst.flags.writeable):
         raise InvalidRequest("copy_host needs C-contiguous arrays and a writable destination")
-    if dst.nbytes:
-        memcpy(dst.ctypes.data, src.ctypes.data, dst.nbytes, stream=stream)
 
 
 def copy_region(dst: Any, src: Any) -> None:
