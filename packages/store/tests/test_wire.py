@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from kvstack.store import ProtocolError, StoreClient, _client
+from kvstack.store import ProtocolError, StoreClient
 from kvstack.store._wire import decode, encode
 
 
@@ -47,18 +46,3 @@ def test_surrogate_key_through_the_master() -> None:
         client.put(key, b"abc" * 100)
         assert client.exists(key)
         assert client.get(key) == b"abc" * 100
-
-
-@pytest.mark.parametrize("aside", [False, True], ids=["inline", "pool-thread"])
-def test_big_put_checksum_inline_or_beside_the_copy(
-    monkeypatch: pytest.MonkeyPatch, aside: bool
-) -> None:
-    """A put's checksum is the same whether hashed while PUT_START is in flight or on a pool
-    thread beside the copy (machines with cores to spare): the get verifies it."""
-    monkeypatch.setattr(_client, "_HASH_ASIDE", aside)
-    value = np.random.default_rng().integers(0, 256, (1 << 20) + 3, dtype=np.uint8).tobytes()
-    with StoreClient.embedded("16MiB") as client:
-        client.put("big", value)
-        assert client.get("big") == value
-        client.put("big", value[::-1], overwrite=True)
-        assert client.get("big") == value[::-1]

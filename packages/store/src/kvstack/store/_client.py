@@ -64,15 +64,10 @@ _PARALLEL_BYTES = 4 << 20
 # Up to 8 on bigger machines: a verified 64 x 1 MiB batch read on 4 threads ran at 9.6 GB/s on
 # the H200 box's 16 cores, where the engine's own batch (8 copy threads) did 44.
 _TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
-# A put's checksum of this many bytes or more runs on a pool thread beside its PUT_START round
-# trip and its copy (both only read the value), where cores allow: on the H200 box XXH3 of
-# 1 MiB took 57 us, more than the round trip (~23 us) it otherwise hides in. On the 2-core box
-# it takes 19 us, about what waking a pool thread costs there, so it stays inline.
-_HASH_ASIDE_BYTES = 256 << 10
-_HASH_ASIDE = (os.cpu_count() or 1) >= 4
 # Same-host batch reads are copied in groups of about this many bytes, each checked on a pool
-# thread while the next is copied (see _read_verified).
-_VERIFY_GROUP_BYTES = 2 << 20
+# thread while the next is copied (see _read_verified). H200 box, 64 x 1 MiB verified, one
+# machine: 2 MiB groups 3-12 GB/s, 8 MiB 13-15, 16 MiB 13-15, one group 6-7.
+_VERIFY_GROUP_BYTES = 8 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
@@ -422,14 +417,11 @@ class StoreClient:
         if attrs:
             request["attrs"] = attrs
         digest: list[int] = []  # the checksum, computed while the master allocates
-        aside: Future[int] | None = None
-        if view.nbytes >= _HASH_ASIDE_BYTES and _HASH_ASIDE:
-            aside = self._pool_get().submit(checksum, view.data)  # beside the copy as well
         reply = self._master.call(
             Op.PUT_START,
             {"items": [request]},
             timeout_s=self._left(deadline, "put"),
-            while_waiting=None if aside else lambda: digest.append(checksum(view.data)),
+            while_waiting=lambda: digest.append(checksum(view.data)),
         )
         item = reply["items"][0]
         if "error" in item:
@@ -448,10 +440,7 @@ class StoreClient:
                 Op.PUT_ABORT, {"items": [{"put_id": put_id}]}, timeout_s=self._left(deadline, "put")
             )
             raise written
-        commit: dict[str, Any] = {
-            "put_id": put_id,
-            "checksum": aside.result() if aside else digest[0],
-        }
+        commit: dict[str, Any] = {"put_id": put_id, "checksum": digest[0]}
         if written:
             commit["failed"] = written
         reply = self._master.call(
