@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -61,13 +61,13 @@ T = TypeVar("T")
 # Batches moving more than this use the client's threads: checksums in parallel and the
 # item-by-item fail-over path.
 _PARALLEL_BYTES = 4 << 20
-# Up to 8 on bigger machines: a verified 64 x 1 MiB batch read on 4 threads ran at 9.6 GB/s on
-# the H200 box's 16 cores, where the engine's own batch (8 copy threads) did 44.
-_TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
-# Same-host batch reads are copied in groups of about this many bytes, each checked on a pool
-# thread while the next is copied (see _read_verified). H200 box, 64 x 1 MiB verified, one
-# machine: 2 MiB groups 3-12 GB/s, 8 MiB 13-15, 16 MiB 13-15, one group 6-7.
-_VERIFY_GROUP_BYTES = 8 << 20
+# One per core, 4 to 16: same-host batch reads copy and check (XXH3) a group per thread.
+# H200 box (16 cores), 64 x 1 MiB verified: 9.6 GB/s on 4 threads, where the engine's own
+# copy ran at 44-55; XXH3 hashes cold bytes at 7.5 GB/s per core there.
+_TRANSFER_THREADS = max(4, min(16, os.cpu_count() or 1))
+# Same-host batch reads are copied and checked in groups of about this many bytes, one group
+# per pool thread, so a group is hashed while its bytes are still in cache.
+_VERIFY_GROUP_BYTES = 4 << 20
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
@@ -97,9 +97,13 @@ class _Located:
         return checksum(data, self.checksum_kind) == self.checksum
 
 
-def _verify_all(read: list[tuple[int, _Located, np.ndarray]]) -> list[bool]:
-    """Whether each read view holds its object's checksum."""
-    return [loc.verifies(view.data) for _i, loc, view in read]
+def _copy_checked(verify: bool, group: list[tuple[np.ndarray, np.ndarray, _Located]]) -> list[bool]:
+    """Copy each (view, source) pair; whether each view then holds its object's checksum."""
+    out: list[bool] = []
+    for view, source, loc in group:
+        np.copyto(view, source)  # one thread per group: the groups run in parallel
+        out.append(not verify or loc.verifies(view.data))
+    return out
 
 
 def _checksum(view: np.ndarray) -> int:
@@ -632,20 +636,23 @@ class StoreClient:
             _node, segment, offset = loc.replicas[0]
             items.append((view, segment, offset))
             engine.append(b)
-        checked: list[Future[list[bool]]] = []
-        if direct:
-            # Copied in groups of ~_VERIFY_GROUP_BYTES; a pool thread checks each group while
-            # the next one is copied and its bytes are still in cache (XXH3 drops the GIL).
-            start, size = 0, 0
-            for k, (_i, loc, _view) in enumerate(direct):
+        good: list[bool] = []
+        if len(direct) > 1 and sum(loc.size for _i, loc, _view in direct) >= _PARALLEL_BYTES:
+            # Big: groups of ~_VERIFY_GROUP_BYTES, each copied and then checked by one pool
+            # thread while its bytes are still in cache (np.copyto and XXH3 drop the GIL).
+            groups: list[list[tuple[np.ndarray, np.ndarray, _Located]]] = [[]]
+            size = 0
+            for (_i, loc, view), source in zip(direct, sources, strict=True):
+                if size >= _VERIFY_GROUP_BYTES:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((view, source, loc))
                 size += loc.size
-                if size < _VERIFY_GROUP_BYTES and k + 1 < len(direct):
-                    continue
-                group = direct[start : k + 1]
-                copy_host_many([view for _i, _loc, view in group], sources[start : k + 1])
-                if verify:
-                    checked.append(self._pool_get().submit(_verify_all, group))
-                start, size = k + 1, 0
+            checks = self._pool_get().map(functools.partial(_copy_checked, verify), groups)
+            good = [ok for group in checks for ok in group]
+        elif direct:
+            copy_host_many([view for _i, _loc, view in direct], sources)
+            good = [not verify or loc.verifies(view.data) for _i, loc, view in direct]
         arrived = direct
         if items:
             try:
@@ -653,12 +660,8 @@ class StoreClient:
             except (StoreError, TransferError):  # out of time, or refused: item by item instead
                 failures = dict.fromkeys(range(len(items)))
             engine = [b for k, b in enumerate(engine) if k not in failures]
-            if verify:
-                checked.append(self._pool_get().submit(_verify_all, engine))
+            good += [not verify or loc.verifies(view.data) for _i, loc, view in engine]
             arrived = direct + engine
-        if not verify:
-            return arrived
-        good = [ok for future in checked for ok in future.result()]
         return [b for b, ok in zip(arrived, good, strict=True) if ok]  # a mismatch fails over
 
     def _write_all(
