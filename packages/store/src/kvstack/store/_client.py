@@ -61,10 +61,10 @@ T = TypeVar("T")
 # Batches moving more than this use the client's threads: checksums in parallel and the
 # item-by-item fail-over path.
 _PARALLEL_BYTES = 4 << 20
-# One per core, 4 to 16: same-host batch reads copy and check (XXH3) a group per thread.
-# H200 box (16 cores), 64 x 1 MiB verified: 9.6 GB/s on 4 threads, where the engine's own
-# copy ran at 44-55; XXH3 hashes cold bytes at 7.5 GB/s per core there.
-_TRANSFER_THREADS = max(4, min(16, os.cpu_count() or 1))
+# One per core, 4 to 8: same-host batch reads copy and check (XXH3) a group per thread. H200
+# box (16 cores), 64 x 1 MiB verified, one machine: 9-11 GB/s on 4 threads, 13-16 on 8, 9-15
+# on 16 (the engine's own copy: 29-31 there); XXH3 hashes cold bytes at 7.5 GB/s per core.
+_TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
 # Same-host batch reads are copied and checked in groups of about this many bytes, one group
 # per pool thread, so a group is hashed while its bytes are still in cache.
 _VERIFY_GROUP_BYTES = 4 << 20
