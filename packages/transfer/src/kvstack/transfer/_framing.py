@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
@@ -227,6 +229,7 @@ class FrameReader:
         peer: str,
         size_bytes: int = 256 << 10,
         on_idle: Callable[[], None] | None = None,
+        poll_s: float = 0.0,
     ) -> None:
         self._sock = sock
         self.peer = peer
@@ -236,6 +239,7 @@ class FrameReader:
         self._start = 0
         self._end = 0
         self._on_idle = on_idle
+        self._poll_s = poll_s
 
     def _recv(self, dest: memoryview | list[memoryview], expired: Callable[[], bool]) -> int:
         """Receive into one buffer or scatter into several (recvmsg_into); at least one byte."""
@@ -244,6 +248,10 @@ class FrameReader:
             # About to wait for the peer: what we owe it goes out first. One recv fills the
             # buffer with many frames, so replies still leave coalesced.
             self._on_idle()
+        if self._poll_s:
+            n = self._poll(views)
+            if n:
+                return n
         while True:
             try:
                 n = self._sock.recvmsg_into(views)[0]
@@ -254,6 +262,26 @@ class FrameReader:
             if n == 0:
                 raise PeerUnavailable("connection closed", peer=self.peer)
             return n
+
+    def _poll(self, views: list[memoryview]) -> int:
+        """Bytes received by polling for up to ``poll_s``, or 0 (then the caller blocks).
+
+        A thread that sleeps in recv is woken by the peer's bytes, which costs tens of
+        microseconds on a VM; polling costs this thread's CPU for at most ``poll_s``. Tcp 4 KiB
+        write p50 on the 2-core box: 111-157 us sleeping on both sides, 62-68 with the caller
+        polling, 29-30 with the serving side polling too. EOF and errors are left to the
+        blocking recv, which names them.
+        """
+        until = time.perf_counter() + self._poll_s
+        while True:
+            try:
+                return self._sock.recvmsg_into(views, 0, socket.MSG_DONTWAIT)[0]
+            except BlockingIOError:
+                if time.perf_counter() >= until:
+                    return 0
+                os.sched_yield()  # the peer may be queued on this very CPU: let it run
+            except OSError:
+                return 0
 
     def read(self, n: int, expired: Callable[[], bool]) -> bytes:
         """Exactly ``n`` bytes (n <= buffer size)."""

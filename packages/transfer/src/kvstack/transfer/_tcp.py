@@ -83,6 +83,10 @@ _VEC_MAX = 1024
 _MAX_FRAME_BYTES = 1 << 48
 # Synchronous one-off requests up to this size use the calling thread's lane (see _Lane).
 _LANE_MAX_BYTES = 1 << 20
+# A lane call polls this long for its reply before it sleeps in recv, and a served connection
+# this long for its next bytes (after flushing its replies); see FrameReader._poll.
+_LANE_POLL_S = 200e-6
+_SERVER_POLL_S = 100e-6
 # Batches writing at least this much send from one thread per connection (see submit).
 _PARALLEL_SEND_BYTES = 8 << 20
 _PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel sooner
@@ -164,7 +168,7 @@ class TcpServer:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_tick(conn, _SERVER_STALL_S)
         replies = _Replies(conn, peer)
-        reader = FrameReader(conn, peer=peer, on_idle=replies.flush)
+        reader = FrameReader(conn, peer=peer, on_idle=replies.flush, poll_s=_SERVER_POLL_S)
         try:
             self._hello(conn, peer, reader)
             while True:
@@ -576,7 +580,7 @@ class _Lane:
     def __init__(self, address: str, *, owner: str, token: bytes, connect_timeout_s: float) -> None:
         self.peer = address
         self.sock = _connect(address, owner=owner, token=token, connect_timeout_s=connect_timeout_s)
-        self.reader = FrameReader(self.sock, peer=address)
+        self.reader = FrameReader(self.sock, peer=address, poll_s=_LANE_POLL_S)
         self.ids = itertools.count(1)
 
     def call(self, part: _Part) -> TransferError | None:
