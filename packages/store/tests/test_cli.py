@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -72,3 +73,17 @@ def test_bench_quick_writes_schema_json(tmp_path: Path) -> None:
     for result in document["results"]:
         assert result["value"] > 0
         assert result["baseline"]["value"] > 0
+
+
+def test_node_refuses_more_memory_than_the_host_has(cluster: Cluster) -> None:
+    """A node commits its memory at start: asking for more than /dev/shm holds is a clear error
+    and a prompt exit, not a SIGBUS in some client later (nor a node that hangs on its way out)."""
+    too_big = 2 * shutil.disk_usage("/dev/shm").total
+    done = subprocess.run(
+        [sys.executable, "-m", "kvstack.store", "--log-level", "WARNING", "node",
+         "--master", cluster.address, "--memory", str(too_big), "--segment", str(too_big)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"kvstack-store node: cannot commit {too_big} bytes of shared memory" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -3,9 +3,13 @@ the native library and the pure-Python fallback."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -207,3 +211,32 @@ def test_copy_host_refuses_mismatched_arrays() -> None:
         _memory.copy_host(np.zeros(4, dtype=np.uint8), np.zeros(8, dtype=np.uint8))
     with pytest.raises(InvalidRequest, match="writable destination"):
         _memory.copy_host(np.zeros(8, dtype=np.uint8)[::2], np.zeros(4, dtype=np.uint8))
+
+
+def test_prefault_that_cannot_commit_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full /dev/shm (madvise fails with ENOMEM) refuses the segment, naming sizes, and
+    leaves no file behind; a kernel without MADV_POPULATE_* (EINVAL) just maps lazily."""
+
+    def madvise_failing_with(code: int) -> Callable[[int, int, int], int]:
+        def madvise(_address: int, _length: int, _advice: int) -> int:
+            ctypes.set_errno(code)
+            return -1
+
+        return madvise
+
+    before = set(os.listdir(_memory.SHM_DIR))
+    monkeypatch.setattr(_memory, "_madvise", madvise_failing_with(errno.ENOMEM))
+    with pytest.raises(InvalidRequest, match=r"cannot commit 1048576 bytes of shared memory"):
+        _memory.ShmRegion.create(1 << 20, prefault=True)
+    assert set(os.listdir(_memory.SHM_DIR)) == before
+    monkeypatch.setattr(_memory, "_madvise", madvise_failing_with(errno.EINVAL))
+    region = _memory.ShmRegion.create(1 << 20, prefault=True)
+    region.unlink()
+
+
+def test_prefault_larger_than_the_host_is_refused_before_allocating() -> None:
+    before = set(os.listdir(_memory.SHM_DIR))
+    too_big = 2 * shutil.disk_usage(_memory.SHM_DIR).total
+    with pytest.raises(InvalidRequest, match=rf"cannot commit {too_big} bytes of shared memory"):
+        _memory.ShmRegion.create(too_big, prefault=True)
+    assert set(os.listdir(_memory.SHM_DIR)) == before

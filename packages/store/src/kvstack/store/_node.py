@@ -53,7 +53,11 @@ class StoreNode:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> StoreNode:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # the engine's threads would otherwise keep the process alive
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:

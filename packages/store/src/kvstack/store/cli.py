@@ -19,6 +19,7 @@ from kvstack.store._master import Master, new_master_loop
 from kvstack.store._node import StoreNode
 from kvstack.store._wire import MasterConnection, Op
 from kvstack.store.errors import StoreError
+from kvstack.transfer import TransferError
 
 __all__ = ["main"]
 
@@ -205,6 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"master": _master, "node": _node, "stats": _stats, "bench": _bench}
     try:
         return commands[args.command](args)
-    except StoreError as exc:
+    except (StoreError, TransferError) as exc:
         print(f"kvstack-store {args.command}: {exc}", file=sys.stderr)
         return 1

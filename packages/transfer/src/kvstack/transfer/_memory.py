@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import itertools
 import logging
 import mmap
 import os
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -103,6 +105,23 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 _madvise = _libc_madvise() if sys.platform == "linux" else None
 
 
+def _check_room(size_bytes: int) -> None:
+    """Refuse to commit more shared memory than /dev/shm or the host's available memory holds:
+    committing it would fill the host's memory (and wake the OOM killer) before failing."""
+    free = shutil.disk_usage(SHM_DIR).free
+    available = free
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    if size_bytes > min(free, available):
+        raise InvalidRequest(
+            f"cannot commit {size_bytes} bytes of shared memory: {SHM_DIR} has {free} bytes "
+            f"free and the host {available} bytes of memory available"
+        )
+
+
 class ShmRegion:
     """A file in /dev/shm mapped into this process (created by the owner, opened by peers)."""
 
@@ -127,6 +146,8 @@ class ShmRegion:
         Sparse (pages appear when touched) unless ``prefault``: then every page is allocated
         and mapped now, before this returns.
         """
+        if prefault:
+            _check_room(size_bytes)
         name = f"{_SHM_PREFIX}{_HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}"
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -134,7 +155,7 @@ class ShmRegion:
             os.ftruncate(fd, size_bytes)
             region = cls(name, size_bytes, fd=fd, writable=True)
             if prefault:
-                region.populate()
+                region.populate(strict=True)
             return region
         except BaseException:
             os.unlink(path)
@@ -166,20 +187,30 @@ class ShmRegion:
         finally:
             os.close(fd)
 
-    def populate(self) -> None:
+    def populate(self, *, strict: bool = False) -> None:
         """Fault in every page of the mapping (allocating the file's holes, if writable).
 
-        Best effort: without MADV_POPULATE_* (Linux < 5.14) pages keep faulting in on first
-        touch, as they would anyway.
+        Without MADV_POPULATE_* (Linux < 5.14) pages keep faulting in on first touch, as they
+        would anyway. ``strict`` (an owner committing its memory): memory that cannot be had
+        now (a full /dev/shm) raises InvalidRequest, instead of a SIGBUS in whichever process
+        first touches the missing page later.
         """
         if _madvise is None or not self.size_bytes:
             return
         advice = _MADV_POPULATE_WRITE if self.writable else _MADV_POPULATE_READ
         for start in range(0, self.size_bytes, _POPULATE_CHUNK_BYTES):
             length = min(_POPULATE_CHUNK_BYTES, self.size_bytes - start)
-            if _madvise(self.address + start, length, advice) != 0:
-                logger.debug("populating %s failed: %s", self.name, os.strerror(ctypes.get_errno()))
-                return
+            if _madvise(self.address + start, length, advice) == 0:
+                continue
+            code = ctypes.get_errno()
+            if strict and code != errno.EINVAL:  # EINVAL: this kernel cannot populate
+                free = shutil.disk_usage(SHM_DIR).free
+                raise InvalidRequest(
+                    f"cannot commit {self.size_bytes} bytes of shared memory for {self.name}: "
+                    f"{os.strerror(code)} after {start} bytes ({SHM_DIR} has {free} bytes free)"
+                )
+            logger.debug("populating %s stopped: %s", self.name, os.strerror(code))
+            return
 
     def unlink(self) -> None:
         """Remove the file: no new peer can map it; existing mappings stay valid.
