@@ -617,9 +617,10 @@ class StoreClient:
     def _read_verified(
         self, batched: list[tuple[int, _Located, np.ndarray]], deadline: float
     ) -> list[tuple[int, _Located, np.ndarray]]:
-        """Read each item's first replica: same-host ones by copies shared by the transfer
-        engine's copy threads, the others in one engine batch. Returns the items that arrived
-        and match their checksum (if verifying); the others fail over in ``_read``."""
+        """Read each item's first replica: same-host ones copied from the engine's mapping (a
+        big batch in groups, one per pool thread), the others in one engine batch. Returns the
+        items that arrived and match their checksum (if verifying); the others fail over in
+        ``_read``."""
         verify = self.config.verify_checksums
         items: list[BufferItem] = []
         engine: list[tuple[int, _Located, np.ndarray]] = []
