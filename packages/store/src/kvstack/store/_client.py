@@ -27,7 +27,13 @@ import numpy as np
 
 from kvstack.store._batch import BatchResult, ItemOutcome
 from kvstack.store._buffers import byte_view, check_matches, empty_tensor, tensor_attrs
-from kvstack.store._checksum import DEFAULT_KIND, ChecksumKind, checksum, parse_kind
+from kvstack.store._checksum import (
+    DEFAULT_KIND,
+    ChecksumKind,
+    checksum,
+    parse_kind,
+    writer_kind,
+)
 from kvstack.store._config import ClientConfig, MasterConfig, NodeConfig, PutOptions, parse_size
 from kvstack.store._master import check_key, run_master_in_thread
 from kvstack.store._node import StoreNode
@@ -49,7 +55,10 @@ from kvstack.transfer import (
     SegmentNotFound,
     TransferError,
     copy_host,
+    copy_host_hashed,
     copy_host_many,
+    copy_host_many_hashed,
+    kvhash64_many,
 )
 from kvstack.transfer import Op as TransferOp
 
@@ -58,16 +67,15 @@ __all__ = ["AsyncStoreClient", "StoreClient"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Batches moving more than this use the client's threads: checksums in parallel and the
-# item-by-item fail-over path.
+# Batches moving more than this use the client's threads: XXH3-64 checksums in parallel and
+# the item-by-item fail-over path. (KVH-64 is shared by the native copier's own threads.)
 _PARALLEL_BYTES = 4 << 20
-# One per core, 4 to 8: same-host batch reads copy and check (XXH3) a group per thread. H200
-# box (16 cores), 64 x 1 MiB verified, one machine: 9-11 GB/s on 4 threads, 13-16 on 8, 9-15
-# on 16 (the engine's own copy: 29-31 there); XXH3 hashes cold bytes at 7.5 GB/s per core.
+# The client's pool: one thread per core, 4 to 8.
 _TRANSFER_THREADS = max(4, min(8, os.cpu_count() or 1))
-# Same-host batch reads are copied and checked in groups of about this many bytes, one group
-# per pool thread, so a group is hashed while its bytes are still in cache.
-_VERIFY_GROUP_BYTES = 4 << 20
+# A same-host put of at least this many bytes computes its KVH-64 inside the copy into the
+# node's segment (one pass over the value); a smaller one hashes while PUT_START is in flight,
+# where it costs nothing.
+_FUSED_HASH_BYTES = 64 << 10
 # How long a write retries a segment the metadata service does not know (yet): a node
 # re-publishes its segments every second (the store's 3 s segment TTL / 3).
 _SEGMENT_RETRY_S = 1.5
@@ -97,17 +105,8 @@ class _Located:
         return checksum(data, self.checksum_kind) == self.checksum
 
 
-def _copy_checked(verify: bool, group: list[tuple[np.ndarray, np.ndarray, _Located]]) -> list[bool]:
-    """Copy each (view, source) pair; whether each view then holds its object's checksum."""
-    out: list[bool] = []
-    for view, source, loc in group:
-        np.copyto(view, source)  # one thread per group: the groups run in parallel
-        out.append(not verify or loc.verifies(view.data))
-    return out
-
-
-def _checksum(view: np.ndarray) -> int:
-    return checksum(view.data)
+def _checksum_of(kind: ChecksumKind, view: np.ndarray) -> int:
+    return checksum(view.data, kind)
 
 
 class StoreClient:
@@ -311,18 +310,26 @@ class StoreClient:
                 if view is None:
                     raise StoreError("internal: a started put lost its value")
                 granted.append((i, view, item["ok"]))
-            # Overlapping the checksums with the writes on the pool measured no gain on the
-            # loaded 2-core box (1 MiB put p50 1.40-1.48 ms either way): they run after.
+            # Same-host replicas get their KVH-64 inside the copy; the rest are hashed after
+            # the writes (overlapping them on the pool measured no gain on the 2-core box).
+            kind = writer_kind()
+            digests: list[int | None] = [None] * len(granted)
             written = self._write_all(
-                [(str(pairs[i][0]), view, ok["replicas"]) for i, view, ok in granted], deadline
+                [(str(pairs[i][0]), view, ok["replicas"]) for i, view, ok in granted],
+                deadline,
+                digests=digests if kind is ChecksumKind.KVH_64 else None,
             )
-            checksums = self._checksums([view for _, view, _ in granted])
+            checksums = self._checksums([view for _, view, _ in granted], kind, digests)
             for (i, _view, ok), outcome, checksum in zip(granted, written, checksums, strict=True):
                 if isinstance(outcome, StoreError):
                     errors[i] = outcome
                     aborts.append({"put_id": ok["put_id"]})
                     continue
-                commit: dict[str, Any] = {"put_id": ok["put_id"], "checksum": checksum}
+                commit: dict[str, Any] = {
+                    "put_id": ok["put_id"],
+                    "checksum": checksum,
+                    "checksum_kind": str(kind),
+                }
                 if outcome:
                     commit["failed"] = outcome
                 commits.append(commit)
@@ -420,23 +427,37 @@ class StoreClient:
             request["options"] = wire
         if attrs:
             request["attrs"] = attrs
-        digest: list[int] = []  # the checksum, computed while the master allocates
+        kind = writer_kind()
+        size = view.nbytes
+        # The checksum: computed while the master allocates, or (big, KVH-64) inside the copy.
+        digest: list[int] = []
+        fused = kind is ChecksumKind.KVH_64 and size >= _FUSED_HASH_BYTES
         reply = self._master.call(
             Op.PUT_START,
             {"items": [request]},
             timeout_s=self._left(deadline, "put"),
-            while_waiting=lambda: digest.append(checksum(view.data)),
+            while_waiting=None if fused else lambda: digest.append(checksum(view.data, kind)),
         )
         item = reply["items"][0]
         if "error" in item:
             raise error_from_wire(item["error"])
         put_id = item["ok"]["put_id"]
         replicas = item["ok"]["replicas"]
-        size = view.nbytes
-        if 0 < size <= DIRECT_MAX_BYTES and all(
-            self._copy_direct(view, str(seg), int(off)) for _node, seg, off, _tier in replicas
-        ):
-            written: list[int] | StoreError = []
+        targets = (
+            [self._direct_target(view, str(seg), int(off)) for _node, seg, off, _tier in replicas]
+            if 0 < size <= DIRECT_MAX_BYTES
+            else [None]
+        )
+        written: list[int] | StoreError = []
+        if all(target is not None for target in targets):
+            for target in targets:
+                if target is None:
+                    continue
+                # Streaming stores: this process does not read the node's copy back.
+                if fused and not digest:
+                    digest.append(copy_host_hashed(target, view, stream=True))
+                else:
+                    copy_host(target, view, stream=True)
         else:  # not all same-host (or big): the engine writes them, failures per replica
             written = self._write_all([(key, view, replicas)], deadline)[0]
         if isinstance(written, StoreError):
@@ -444,7 +465,13 @@ class StoreClient:
                 Op.PUT_ABORT, {"items": [{"put_id": put_id}]}, timeout_s=self._left(deadline, "put")
             )
             raise written
-        commit: dict[str, Any] = {"put_id": put_id, "checksum": digest[0]}
+        if not digest:
+            digest.append(checksum(view.data, kind))
+        commit: dict[str, Any] = {
+            "put_id": put_id,
+            "checksum": digest[0],
+            "checksum_kind": str(kind),
+        }
         if written:
             commit["failed"] = written
         reply = self._master.call(
@@ -593,11 +620,33 @@ class StoreClient:
                 self._pool = pool
             return pool
 
-    def _checksums(self, views: Sequence[np.ndarray]) -> list[int]:
-        """XXH3-64 of each view; big batches on the pool."""
-        if len(views) > 1 and sum(v.nbytes for v in views) >= _PARALLEL_BYTES:
-            return list(self._pool_get().map(_checksum, views))
-        return [checksum(v.data) for v in views]
+    def _checksums(
+        self, views: Sequence[np.ndarray], kind: ChecksumKind, known: Sequence[int | None]
+    ) -> list[int]:
+        """The ``kind`` checksum of each view, keeping those ``known`` already (not None)."""
+        missing = [k for k, digest in enumerate(known) if digest is None]
+        todo = [views[k] for k in missing]
+        if kind is ChecksumKind.KVH_64:  # one call, shared by the native copier's threads
+            computed = kvhash64_many(todo)
+        elif len(todo) > 1 and sum(v.nbytes for v in todo) >= _PARALLEL_BYTES:
+            computed = list(self._pool_get().map(functools.partial(_checksum_of, kind), todo))
+        else:
+            computed = [checksum(v.data, kind) for v in todo]
+        out = [0 if digest is None else digest for digest in known]
+        for k, digest in zip(missing, computed, strict=True):
+            out[k] = digest
+        return out
+
+    def _verified(self, items: Sequence[tuple[int, _Located, np.ndarray]]) -> list[bool]:
+        """Whether each item's view holds its object's checksum (by the kind it was put with)."""
+        good = [False] * len(items)
+        for kind in {loc.checksum_kind for _i, loc, _view in items}:
+            which = [k for k, (_i, loc, _v) in enumerate(items) if loc.checksum_kind is kind]
+            views = [items[k][2] for k in which]
+            digests = self._checksums(views, kind, [None] * len(views))
+            for k, digest in zip(which, digests, strict=True):
+                good[k] = digest == items[k][1].checksum
+        return good
 
     def _transfer(
         self, op: TransferOp, items: list[BufferItem], deadline: float, what: str
@@ -638,22 +687,14 @@ class StoreClient:
             items.append((view, segment, offset))
             engine.append(b)
         good: list[bool] = []
-        if len(direct) > 1 and sum(loc.size for _i, loc, _view in direct) >= _PARALLEL_BYTES:
-            # Big: groups of ~_VERIFY_GROUP_BYTES, each copied and then checked by one pool
-            # thread while its bytes are still in cache (np.copyto and XXH3 drop the GIL).
-            groups: list[list[tuple[np.ndarray, np.ndarray, _Located]]] = [[]]
-            size = 0
-            for (_i, loc, view), source in zip(direct, sources, strict=True):
-                if size >= _VERIFY_GROUP_BYTES:
-                    groups.append([])
-                    size = 0
-                groups[-1].append((view, source, loc))
-                size += loc.size
-            checks = self._pool_get().map(functools.partial(_copy_checked, verify), groups)
-            good = [ok for group in checks for ok in group]
+        views = [view for _i, _loc, view in direct]
+        if verify and all(loc.checksum_kind is ChecksumKind.KVH_64 for _i, loc, _v in direct):
+            # Copy and check in one pass, by 64 KiB blocks over the native copier's threads.
+            digests = copy_host_many_hashed(views, sources)
+            good = [d == loc.checksum for d, (_i, loc, _v) in zip(digests, direct, strict=True)]
         elif direct:
-            copy_host_many([view for _i, _loc, view in direct], sources)
-            good = [not verify or loc.verifies(view.data) for _i, loc, view in direct]
+            copy_host_many(views, sources)
+            good = self._verified(direct) if verify else [True] * len(direct)
         arrived = direct
         if items:
             try:
@@ -661,16 +702,21 @@ class StoreClient:
             except (StoreError, TransferError):  # out of time, or refused: item by item instead
                 failures = dict.fromkeys(range(len(items)))
             engine = [b for k, b in enumerate(engine) if k not in failures]
-            good += [not verify or loc.verifies(view.data) for _i, loc, view in engine]
+            good += self._verified(engine) if verify else [True] * len(engine)
             arrived = direct + engine
         return [b for b, ok in zip(arrived, good, strict=True) if ok]  # a mismatch fails over
 
     def _write_all(
-        self, puts: list[tuple[str, np.ndarray, list[list[Any]]]], deadline: float
+        self,
+        puts: list[tuple[str, np.ndarray, list[list[Any]]]],
+        deadline: float,
+        *,
+        digests: list[int | None] | None = None,
     ) -> list[list[int] | StoreError]:
         """Write every replica of every (key, view, replicas) in one engine batch; per put, the
         replica indices that failed, or ReplicaUnavailable if all did (the master
-        re-replicates what is missing after the commit)."""
+        re-replicates what is missing after the commit). With ``digests``, a put copied into a
+        same-host segment gets its KVH-64 there, computed inside the copy."""
         items: list[BufferItem] = []
         where: list[tuple[int, int]] = []  # (put, replica) of each item
         for p, (_key, view, replicas) in enumerate(puts):
@@ -679,7 +725,15 @@ class StoreClient:
                 continue
             for r, (_node, seg, off, _tier) in enumerate(replicas):
                 segment, offset = str(seg), int(off)
-                if size <= DIRECT_MAX_BYTES and self._copy_direct(view, segment, offset):
+                target = (
+                    self._direct_target(view, segment, offset) if size <= DIRECT_MAX_BYTES else None
+                )
+                if target is not None:
+                    # Streaming stores: this process does not read the node's copy back.
+                    if digests is not None and digests[p] is None:
+                        digests[p] = copy_host_hashed(target, view, stream=True)
+                    else:
+                        copy_host(target, view, stream=True)
                     continue
                 items.append((view, segment, offset))
                 where.append((p, r))
@@ -757,15 +811,14 @@ class StoreClient:
             return None
         return array[offset : offset + loc.size]
 
-    def _copy_direct(self, view: np.ndarray, segment: str, offset: int) -> bool:
-        """Copy a small replica into a same-host segment with one memcpy (see ``_direct``);
-        False when it is not reachable that way: the engine then writes it."""
+    def _direct_target(self, view: np.ndarray, segment: str, offset: int) -> np.ndarray | None:
+        """Where a replica of ``view`` goes in a same-host segment's mapping, copied with one
+        memcpy (see ``_direct``); None when it is not reachable that way: the engine then
+        writes it."""
         dest = self._engine.map_segment(segment)
         if dest is None or not dest.flags.writeable or offset + view.nbytes > dest.nbytes:
-            return False
-        # Streaming stores: this process does not read the node's copy back.
-        copy_host(dest[offset : offset + view.nbytes], view, stream=True)
-        return True
+            return None
+        return dest[offset : offset + view.nbytes]
 
     def _read_direct(self, loc: _Located) -> bytes | None:
         """A small object's verified bytes copied from a same-host mapping, or None: the

@@ -711,11 +711,19 @@ class Master:
         pending = self._pending.pop(put_id, None) if isinstance(put_id, str) else None
         if pending is None:
             raise StoreError(f"put {put_id!r} is unknown: it expired or the master restarted")
-        # Clients of this protocol version commit XXH3-64 (DEFAULT_KIND, the Entry's default).
         checksum = item.get("checksum")
         if not isinstance(checksum, int):
             self._free_all(pending.replicas, pending.size)
             raise InvalidArgument(f"commit of key {pending.key!r} needs an int checksum")
+        try:
+            kind = ChecksumKind(str(item.get("checksum_kind")))
+        except ValueError:
+            self._free_all(pending.replicas, pending.size)
+            known = ", ".join(repr(str(k)) for k in ChecksumKind)
+            raise InvalidArgument(
+                f"commit of key {pending.key!r} has checksum_kind "
+                f"{item.get('checksum_kind')!r}: want one of {known}"
+            ) from None
         failed = item.get("failed")
         if not failed:  # the common case: every replica written
             live = [r for r in pending.replicas if self._live(r)]
@@ -744,6 +752,7 @@ class Master:
             key=pending.key,
             size=pending.size,
             checksum=checksum,
+            checksum_kind=kind,
             attrs=pending.attrs,
             replicas=live,
             want=pending.want,
@@ -822,7 +831,7 @@ class Master:
             "attrs": entry.attrs,
             "replicas": [[r.node, r.segment, r.offset] for r in memory],
         }
-        if entry.checksum_kind is not DEFAULT_KIND:  # a CRC-32 from before XXH3-64
+        if entry.checksum_kind is not DEFAULT_KIND:  # the reader's default; others are named
             located["checksum_kind"] = str(entry.checksum_kind)
         return located
 

@@ -37,7 +37,8 @@ __all__ = ["HEADER", "MAGIC", "MasterConnection", "Op", "read_frame", "write_fra
 MAGIC = b"KVS1"
 # 2: checksums are XXH3-64 (issue 4); a peer of version 1 would commit and verify CRC-32, so
 # it is refused with a ProtocolError instead of failing every checksum.
-VERSION = 2
+# 3: a commit names its checksum kind (KVH-64 or XXH3-64), and a get's reply omits KVH-64.
+VERSION = 3
 HEADER = struct.Struct("!4sBBHQI")
 FLAG_REPLY = 1
 FLAG_ERROR = 2

@@ -21,6 +21,13 @@ from kvstack.transfer._async import AsyncEngine
 from kvstack.transfer._batch import Batch
 from kvstack.transfer._config import EngineConfig, format_size, parse_size
 from kvstack.transfer._engine import Engine
+from kvstack.transfer._kvhash import (
+    copy_host_hashed,
+    copy_host_many_hashed,
+    kvhash64,
+    kvhash64_many,
+    native_hashing,
+)
 from kvstack.transfer._memory import copy_host, copy_host_many
 from kvstack.transfer._metadata import MetadataBackend, open_metadata
 from kvstack.transfer._metadata_server import MetadataServer
@@ -81,8 +88,13 @@ __all__ = [
     "Transport",
     "TransportUnavailable",
     "copy_host",
+    "copy_host_hashed",
     "copy_host_many",
+    "copy_host_many_hashed",
     "format_size",
+    "kvhash64",
+    "kvhash64_many",
+    "native_hashing",
     "open_metadata",
     "parse_size",
 ]

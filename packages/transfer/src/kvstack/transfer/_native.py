@@ -70,6 +70,12 @@ class NativeCopier:
         self._recv = library.kvstack_recv_ranges
         self._recv.argtypes = (c_int, vp, vp, i64, vp, i64, _I64P)
         self._recv.restype = c_int
+        self._hash = library.kvstack_hash_ranges
+        self._hash.argtypes = (vp, vp, vp, i64, c_int, c_int, vp)
+        self._hash.restype = c_int
+        self._hash_copy = library.kvstack_hash_copy
+        self._hash_copy.argtypes = (i64, i64, i64, c_int, c_int)
+        self._hash_copy.restype = ctypes.c_uint64
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
@@ -94,6 +100,42 @@ class NativeCopier:
                 dsts.ctypes.data, srcs.ctypes.data, lengths.ctypes.data, n, threads, int(stream)
             )
         )
+
+    def hash_ranges(
+        self,
+        dsts: np.ndarray | None,
+        srcs: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        threads: int,
+        stream: bool = False,
+    ) -> np.ndarray:
+        """The KVH-64 digest of each range ``srcs[i]`` of ``lengths[i]`` bytes (uint64 array);
+        with ``dsts``, each range is copied there on the way (the source is read once). Shared
+        with up to ``threads - 1`` helpers by 64 KiB blocks. Ranges must be checked by the caller.
+        """
+        srcs, lengths = _int64s(srcs), _int64s(lengths)
+        n = _same_length(srcs, lengths)
+        if dsts is not None:
+            dsts = _int64s(dsts)
+            _same_length(dsts, srcs)
+        out = np.empty(n, dtype=np.uint64)
+        used = self._hash(
+            None if dsts is None else dsts.ctypes.data,
+            srcs.ctypes.data,
+            lengths.ctypes.data,
+            n,
+            threads,
+            int(stream),
+            out.ctypes.data,
+        )
+        if used < 0:
+            raise MemoryError(f"no memory for the block table of {n} ranges")
+        return out
+
+    def hash_copy(self, dst: int, src: int, length: int, *, threads: int, stream: bool) -> int:
+        """``hash_ranges`` of one range given as addresses (``dst`` 0: digest only)."""
+        return int(self._hash_copy(dst, src, length, threads, int(stream)))
 
     def send_ranges(
         self, fd: int, addresses: np.ndarray, lengths: np.ndarray, done: ctypes.c_int64
