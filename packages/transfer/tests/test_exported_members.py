@@ -42,8 +42,13 @@ def test_all_is_the_sorted_public_surface() -> None:
         "Transport",
         "TransportUnavailable",
         "copy_host",
+        "copy_host_hashed",
         "copy_host_many",
+        "copy_host_many_hashed",
         "format_size",
+        "kvhash64",
+        "kvhash64_many",
+        "native_hashing",
         "open_metadata",
         "parse_size",
     ]

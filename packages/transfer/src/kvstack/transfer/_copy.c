@@ -371,12 +371,13 @@ static void kvh_sse2(char *dst, const char *src, size_t body, uint64_t first, in
 {
     uint64_t base = KVH_K0 + first * KVH_STEP; /* word `first` of the block comes first here */
     int streaming = dst != NULL && stream && ((uintptr_t)dst & 15) == 0;
-    __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0;
-    __m128i s0 = a0, s1 = a0, s2 = a0, s3 = a0;
-    __m128i k0 = _mm_set_epi64x((long long)(base + 2 * KVH_STEP), (long long)(base + KVH_STEP));
-    __m128i k1 = _mm_add_epi64(k0, _mm_set1_epi64x((long long)(2 * KVH_STEP)));
-    __m128i k2 = _mm_add_epi64(k0, _mm_set1_epi64x((long long)(4 * KVH_STEP)));
-    __m128i k3 = _mm_add_epi64(k0, _mm_set1_epi64x((long long)(6 * KVH_STEP)));
+    /* Few live vectors: with four key vectors and four word sums, accumulators spilled to
+     * the stack every iteration (16 registers). The keys of the 2nd-4th vectors are k + step. */
+    __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0, s0 = a0, s1 = a0;
+    __m128i k = _mm_set_epi64x((long long)(base + 2 * KVH_STEP), (long long)(base + KVH_STEP));
+    const __m128i step2 = _mm_set1_epi64x((long long)(2 * KVH_STEP));
+    const __m128i step4 = _mm_set1_epi64x((long long)(4 * KVH_STEP));
+    const __m128i step6 = _mm_set1_epi64x((long long)(6 * KVH_STEP));
     const __m128i next = _mm_set1_epi64x((long long)(8 * KVH_STEP));
     for (size_t i = 0; i < body; i += 64) {
         __m128i x0 = _mm_loadu_si128((const __m128i *)(src + i));
@@ -394,28 +395,24 @@ static void kvh_sse2(char *dst, const char *src, size_t body, uint64_t first, in
             _mm_storeu_si128((__m128i *)(dst + i + 32), x2);
             _mm_storeu_si128((__m128i *)(dst + i + 48), x3);
         }
-        __m128i d0 = _mm_xor_si128(x0, k0), d1 = _mm_xor_si128(x1, k1);
-        __m128i d2 = _mm_xor_si128(x2, k2), d3 = _mm_xor_si128(x3, k3);
+        __m128i d0 = _mm_xor_si128(x0, k), d1 = _mm_xor_si128(x1, _mm_add_epi64(k, step2));
+        __m128i d2 = _mm_xor_si128(x2, _mm_add_epi64(k, step4));
+        __m128i d3 = _mm_xor_si128(x3, _mm_add_epi64(k, step6));
         /* _mm_mul_epu32: the low 32 bits of each 64-bit lane times those of the other operand */
         a0 = _mm_add_epi64(a0, _mm_mul_epu32(d0, _mm_srli_epi64(d0, 32)));
         a1 = _mm_add_epi64(a1, _mm_mul_epu32(d1, _mm_srli_epi64(d1, 32)));
         a2 = _mm_add_epi64(a2, _mm_mul_epu32(d2, _mm_srli_epi64(d2, 32)));
         a3 = _mm_add_epi64(a3, _mm_mul_epu32(d3, _mm_srli_epi64(d3, 32)));
-        s0 = _mm_add_epi64(s0, x0);
-        s1 = _mm_add_epi64(s1, x1);
-        s2 = _mm_add_epi64(s2, x2);
-        s3 = _mm_add_epi64(s3, x3);
-        k0 = _mm_add_epi64(k0, next);
-        k1 = _mm_add_epi64(k1, next);
-        k2 = _mm_add_epi64(k2, next);
-        k3 = _mm_add_epi64(k3, next);
+        s0 = _mm_add_epi64(s0, _mm_add_epi64(x0, x2));
+        s1 = _mm_add_epi64(s1, _mm_add_epi64(x1, x3));
+        k = _mm_add_epi64(k, next);
     }
     if (streaming)
         _mm_sfence(); /* the bytes are visible before the caller commits them */
     uint64_t lanes[2];
     _mm_storeu_si128((__m128i *)lanes, _mm_add_epi64(_mm_add_epi64(a0, a1), _mm_add_epi64(a2, a3)));
     *a += lanes[0] + lanes[1];
-    _mm_storeu_si128((__m128i *)lanes, _mm_add_epi64(_mm_add_epi64(s0, s1), _mm_add_epi64(s2, s3)));
+    _mm_storeu_si128((__m128i *)lanes, _mm_add_epi64(s0, s1));
     *s += lanes[0] + lanes[1];
 }
 
@@ -433,13 +430,12 @@ __attribute__((target("avx2"))) static void kvh_avx2(char *dst, const char *src,
 {
     uint64_t base = KVH_K0 + first * KVH_STEP;
     int streaming = dst != NULL && stream && ((uintptr_t)dst & 31) == 0;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    __m256i s0 = a0, s1 = a0, s2 = a0, s3 = a0;
-    __m256i k0 = _mm256_set_epi64x((long long)(base + 4 * KVH_STEP), (long long)(base + 3 * KVH_STEP),
-                                   (long long)(base + 2 * KVH_STEP), (long long)(base + KVH_STEP));
-    __m256i k1 = _mm256_add_epi64(k0, _mm256_set1_epi64x((long long)(4 * KVH_STEP)));
-    __m256i k2 = _mm256_add_epi64(k0, _mm256_set1_epi64x((long long)(8 * KVH_STEP)));
-    __m256i k3 = _mm256_add_epi64(k0, _mm256_set1_epi64x((long long)(12 * KVH_STEP)));
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, s0 = a0, s1 = a0;
+    __m256i k = _mm256_set_epi64x((long long)(base + 4 * KVH_STEP), (long long)(base + 3 * KVH_STEP),
+                                  (long long)(base + 2 * KVH_STEP), (long long)(base + KVH_STEP));
+    const __m256i step4 = _mm256_set1_epi64x((long long)(4 * KVH_STEP));
+    const __m256i step8 = _mm256_set1_epi64x((long long)(8 * KVH_STEP));
+    const __m256i step12 = _mm256_set1_epi64x((long long)(12 * KVH_STEP));
     const __m256i next = _mm256_set1_epi64x((long long)(16 * KVH_STEP));
     for (size_t i = 0; i < body; i += 128) {
         __m256i x0 = _mm256_loadu_si256((const __m256i *)(src + i));
@@ -457,20 +453,17 @@ __attribute__((target("avx2"))) static void kvh_avx2(char *dst, const char *src,
             _mm256_storeu_si256((__m256i *)(dst + i + 64), x2);
             _mm256_storeu_si256((__m256i *)(dst + i + 96), x3);
         }
-        __m256i d0 = _mm256_xor_si256(x0, k0), d1 = _mm256_xor_si256(x1, k1);
-        __m256i d2 = _mm256_xor_si256(x2, k2), d3 = _mm256_xor_si256(x3, k3);
+        __m256i d0 = _mm256_xor_si256(x0, k);
+        __m256i d1 = _mm256_xor_si256(x1, _mm256_add_epi64(k, step4));
+        __m256i d2 = _mm256_xor_si256(x2, _mm256_add_epi64(k, step8));
+        __m256i d3 = _mm256_xor_si256(x3, _mm256_add_epi64(k, step12));
         a0 = _mm256_add_epi64(a0, _mm256_mul_epu32(d0, _mm256_srli_epi64(d0, 32)));
         a1 = _mm256_add_epi64(a1, _mm256_mul_epu32(d1, _mm256_srli_epi64(d1, 32)));
         a2 = _mm256_add_epi64(a2, _mm256_mul_epu32(d2, _mm256_srli_epi64(d2, 32)));
         a3 = _mm256_add_epi64(a3, _mm256_mul_epu32(d3, _mm256_srli_epi64(d3, 32)));
-        s0 = _mm256_add_epi64(s0, x0);
-        s1 = _mm256_add_epi64(s1, x1);
-        s2 = _mm256_add_epi64(s2, x2);
-        s3 = _mm256_add_epi64(s3, x3);
-        k0 = _mm256_add_epi64(k0, next);
-        k1 = _mm256_add_epi64(k1, next);
-        k2 = _mm256_add_epi64(k2, next);
-        k3 = _mm256_add_epi64(k3, next);
+        s0 = _mm256_add_epi64(s0, _mm256_add_epi64(x0, x2));
+        s1 = _mm256_add_epi64(s1, _mm256_add_epi64(x1, x3));
+        k = _mm256_add_epi64(k, next);
     }
     if (streaming)
         _mm_sfence();
@@ -478,8 +471,7 @@ __attribute__((target("avx2"))) static void kvh_avx2(char *dst, const char *src,
     _mm256_storeu_si256((__m256i *)lanes,
                         _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
     *a += lanes[0] + lanes[1] + lanes[2] + lanes[3];
-    _mm256_storeu_si256((__m256i *)lanes,
-                        _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(s0, s1));
     *s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
 }
 
