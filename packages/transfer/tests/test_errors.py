@@ -20,6 +20,7 @@ SAMPLES: list[TransferError] = [
     OutOfBounds(
         "kv0", offset=1048000, length=4096, size_bytes=1048576, op="read", peer="10.0.0.2:7001"
     ),
+    OutOfBounds("kv0", offset=16, length=4096, size_bytes=4096, op="write", index=17),
     PeerUnavailable("connection refused", peer="10.0.0.2:7001"),
     TransferTimeout("write of 4096 bytes", timeout_s=2.0, peer="10.0.0.2:7001"),
     MetadataError("GET 'kv0' failed", url="http://127.0.0.1:7710"),
@@ -45,6 +46,20 @@ def test_out_of_bounds_names_segment_offset_length_and_peer() -> None:
     )
     assert (error.segment, error.offset, error.length) == ("kv0", 1048000, 4096)
     assert isinstance(error, IndexError)
+
+
+def test_out_of_bounds_of_a_page_batch_names_the_request() -> None:
+    error = OutOfBounds("kv0", offset=16, length=4096, size_bytes=4096, op="write", index=17)
+    assert (
+        str(error)
+        == "request 17: write of 4096 bytes at offset 16 exceeds segment 'kv0' (4096 bytes)"
+    )
+    assert error.index == 17
+    # Without an index the wire fields stay as peers of older versions expect them.
+    assert "index" not in OutOfBounds("kv0", offset=0, length=1, size_bytes=0).to_wire()["fields"]
+    got = error_from_wire(error.to_wire(), peer="127.0.0.1:9")
+    assert isinstance(got, OutOfBounds)
+    assert got.index == 17
 
 
 def test_builtin_bases() -> None:

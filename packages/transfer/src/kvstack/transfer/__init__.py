@@ -9,6 +9,9 @@ processes and hosts (shared memory, TCP, CUDA), and the metadata service that na
     engine.read("kv0", "peer-kv", 4096)           # one-off helpers raise the request's error
     engine.write_tensor(tensor, "peer-kv")        # tensor helpers
     engine.transfer_buffers(Op.READ, [(out, "peer-kv", 0), ...])  # one batch, caller memory
+    engine.transfer_pages(                        # a KV handoff as arrays, no object per page
+        Op.WRITE, "kv0", "peer-kv", local_offsets=lo, remote_offsets=ro, lengths=16384
+    )
 
 ``AsyncEngine`` offers the same API for asyncio. The transport per peer is the fastest that
 can reach it (``local`` same process, ``cuda`` CUDA IPC, ``shm`` same host, ``tcp``), or the

@@ -12,7 +12,7 @@ import numpy as np
 
 from kvstack.transfer._batch import Batch
 from kvstack.transfer._config import EngineConfig
-from kvstack.transfer._engine import Engine
+from kvstack.transfer._engine import Engine, PageColumn
 from kvstack.transfer._types import BufferItem, Op, SegmentInfo, TransferOutcome, TransferRequest
 from kvstack.transfer.errors import TransferTimeout
 
@@ -68,6 +68,14 @@ class AsyncEngine:
 
     async def wait(self, batch: Batch, timeout_s: float | None = None) -> list[TransferOutcome]:
         """Await every request of ``batch``; same contract as ``Batch.wait``."""
+        await self._until_done(batch, timeout_s)
+        return batch.outcomes()
+
+    async def _until_done(self, batch: Batch, timeout_s: float | None = None) -> None:
+        # wait() without the outcomes: the transfer helpers need none (a page batch would
+        # build a TransferRequest per page for them).
+        if batch.done:
+            return
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
 
@@ -89,14 +97,13 @@ class AsyncEngine:
                     raise TransferTimeout(
                         f"batch of {len(batch)} requests", timeout_s=timeout_s or 0.0
                     ) from None
-        return batch.outcomes()
 
     async def transfer(
         self, requests: Sequence[TransferRequest], *, transport: str | None = None
     ) -> None:
         """Submit, await, and raise BatchFailed naming every failed request, if any."""
         batch = await self.submit(requests, transport=transport)
-        await self.wait(batch)
+        await self._until_done(batch)
         batch.raise_for_errors()
 
     async def submit_buffers(
@@ -122,7 +129,59 @@ class AsyncEngine:
     ) -> None:
         """Submit caller buffers, await, and raise BatchFailed naming every failed item."""
         batch = await self.submit_buffers(op, items, timeout_s=timeout_s, transport=transport)
-        await self.wait(batch)
+        await self._until_done(batch)
+        batch.raise_for_errors()
+
+    async def submit_pages(
+        self,
+        op: Op,
+        local: str,
+        remote: str,
+        *,
+        local_offsets: PageColumn,
+        remote_offsets: PageColumn,
+        lengths: int | PageColumn,
+        transport: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Batch:
+        """Engine.submit_pages on this engine's executor; await ``wait(batch)`` next."""
+        return await self._run(
+            self.engine.submit_pages,
+            op,
+            local,
+            remote,
+            local_offsets=local_offsets,
+            remote_offsets=remote_offsets,
+            lengths=lengths,
+            transport=transport,
+            timeout_s=timeout_s,
+        )
+
+    async def transfer_pages(
+        self,
+        op: Op,
+        local: str,
+        remote: str,
+        *,
+        local_offsets: PageColumn,
+        remote_offsets: PageColumn,
+        lengths: int | PageColumn,
+        transport: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Submit a page batch as arrays, await it, and raise BatchFailed naming every failed
+        request, if any."""
+        batch = await self.submit_pages(
+            op,
+            local,
+            remote,
+            local_offsets=local_offsets,
+            remote_offsets=remote_offsets,
+            lengths=lengths,
+            transport=transport,
+            timeout_s=timeout_s,
+        )
+        await self._until_done(batch)
         batch.raise_for_errors()
 
     async def read(self, local: str, remote: str, length: int, **kwargs: Any) -> None:

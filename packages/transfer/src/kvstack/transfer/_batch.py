@@ -43,15 +43,43 @@ class Route:
 
 class Pages(NamedTuple):
     """A batch that is one run of ranges between one local host segment and one remote one,
-    already bounds-checked as arrays (the KV-page handoff path, see Engine._pages_fast_path).
+    as arrays (the KV-page handoff path: Engine.submit_pages, and submit's fast path).
     """
 
     route: Route
     local: LocalSegment
     op: Op
-    local_offsets: np.ndarray  # int64, one per request
-    remote_offsets: np.ndarray
-    lengths: np.ndarray
+    # int64 [3, n]: local offsets, remote offsets, lengths. One array, so that checking it
+    # takes one reduction per kind, not one per column: right after a big copy has flushed
+    # the caches each numpy call costs tens of us (2-core box, see RESULTS.md).
+    table: np.ndarray
+    timeout_s: float | None = None  # the caller's, carried into requests()
+
+    @property
+    def local_offsets(self) -> np.ndarray:
+        return self.table[0]
+
+    @property
+    def remote_offsets(self) -> np.ndarray:
+        return self.table[1]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.table[2]
+
+    def requests(self) -> tuple[TransferRequest, ...]:
+        """The ranges as TransferRequests (built only when someone asks for them)."""
+        op, local, remote = self.op, self.local.name, self.route.remote.name
+        return tuple(
+            TransferRequest(op, local, local_offset, remote, remote_offset, length, self.timeout_s)
+            for local_offset, remote_offset, length in zip(*self.table.tolist(), strict=True)
+        )
+
+    def describe(self, index: int) -> str:
+        return (
+            f"{self.op} of {self.lengths[index]} bytes at offset {self.remote_offsets[index]} "
+            f"of segment {self.route.remote.name!r}"
+        )
 
 
 class Work:
@@ -107,15 +135,23 @@ class Batch:
 
     def __init__(
         self,
-        requests: Sequence[TransferRequest],
+        requests: Sequence[TransferRequest] = (),
         *,
+        pages: Pages | None = None,
         default_timeout_s: float,
-        on_error: Callable[[TransferRequest, TransferError], None] | None = None,
+        on_error: Callable[[str, TransferError], None] | None = None,
     ) -> None:
-        self.requests: tuple[TransferRequest, ...] = tuple(requests)
-        now = time.monotonic()
-        self._started = now
-        n = len(self.requests)
+        # A page batch (``pages``) holds its requests as arrays: TransferRequest objects cost
+        # ~1 us each, the whole budget of a fast 256-page handoff (issue #3).
+        self._pages = pages
+        self._requests: tuple[TransferRequest, ...] | None = None
+        if pages is None:
+            self._requests = tuple(requests)
+            n = len(self._requests)
+        else:
+            n = pages.table.shape[1]
+        self._n = n
+        self._started = time.monotonic()
         self._default_timeout_s = default_timeout_s
         # index -> timeout_s of the requests that carry their own (the engine fills it).
         self._timeouts: dict[int, float] = {}
@@ -129,13 +165,22 @@ class Batch:
         # Created only when someone must block: most shm batches finish inside submit().
         self._event: threading.Event | None = None
         self._callbacks: list[Callable[[Batch], None]] = []
-        self._on_error = on_error
+        self._on_error = on_error  # called with the remote segment's name
         # Caller buffers of Engine.submit_buffers: alive until the batch is (no copy may land
         # in freed memory).
         self._keepalive: object = None
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return self._n
+
+    @property
+    def requests(self) -> tuple[TransferRequest, ...]:
+        """The batch's requests, in submit order (a page batch builds them on first use)."""
+        requests = self._requests
+        if requests is None:
+            pages = self._pages
+            requests = self._requests = pages.requests() if pages is not None else ()
+        return requests
 
     def __repr__(self) -> str:
         counts = {s: self._status.count(s) for s in RequestStatus}
@@ -167,23 +212,30 @@ class Batch:
 
     _fail = _part_done
 
-    def _finish(
-        self, index: int, error: TransferError | None, *, route: Route | None = None
-    ) -> list[Callable[[Batch], Any]]:
+    def _finish(self, index: int, error: TransferError | None) -> list[Callable[[Batch], Any]]:
         # Called with self._lock held; returns the done-callbacks to run once it is released.
         self._status[index] = RequestStatus.DONE if error is None else RequestStatus.FAILED
         self._errors[index] = error
         self._pending -= 1
         if error is not None:
+            # The route that counted this request (none if it failed before it had one).
             work = self._works[index]
-            route = work.route if work is not None else route
-            transport, peer = (route.transport, route.remote.peer) if route else ("none", "none")
-            _metrics.record_error(transport, peer, type(error).__name__)
+            route: Route | None = None
+            length = 0
             if work is not None:
-                work.route.totals[0] -= 1
-                work.route.totals[1] -= work.request.length
+                route, length = work.route, work.request.length
+            elif self._pages is not None:
+                route, length = self._pages.route, int(self._pages.lengths[index])
+            if route is None:
+                _metrics.record_error("none", "none", type(error).__name__)
+                remote = self.requests[index].remote
+            else:
+                _metrics.record_error(route.transport, route.remote.peer, type(error).__name__)
+                route.totals[0] -= 1
+                route.totals[1] -= length
+                remote = route.remote.name
             if self._on_error is not None:
-                self._on_error(self.requests[index], error)
+                self._on_error(remote, error)
         if self._pending:
             return []
         self._record()
@@ -216,21 +268,19 @@ class Batch:
                 self._callbacks = []
         self._run(callbacks)
 
-    def _fail_range(self, start: int, stop: int, error: TransferError, route: Route) -> None:
-        """Requests start..stop-1, all over ``route``, failed with ``error``."""
+    def _fail_range(self, start: int, stop: int, error: TransferError) -> None:
+        """Requests start..stop-1 of a page batch, those still pending, failed with ``error``."""
         callbacks: list[Callable[[Batch], Any]] = []
         with self._lock:
             for index in range(start, stop):
                 if self._status[index] is RequestStatus.PENDING:
-                    route.totals[0] -= 1
-                    route.totals[1] -= self.requests[index].length
-                    callbacks += self._finish(index, error, route=route)
+                    callbacks += self._finish(index, error)
         self._run(callbacks)
 
     def _done_all(self) -> None:
         """Every request DONE at once (the engine's array path over shm)."""
         with self._lock:
-            self._status = [RequestStatus.DONE] * len(self.requests)
+            self._status = [RequestStatus.DONE] * self._n
             self._pending = 0
             self._record()
             if self._event is not None:
@@ -289,8 +339,13 @@ class Batch:
             for i, status in enumerate(self._status):
                 if status is RequestStatus.PENDING and self._deadline_of(i) <= now:
                     work = self._works[i]
-                    what = work.describe() if work else f"request {i}"
-                    peer = work.remote.peer if work else None
+                    pages = self._pages
+                    if work is not None:
+                        what, peer = work.describe(), work.remote.peer
+                    elif pages is not None:
+                        what, peer = pages.describe(i), pages.route.remote.peer
+                    else:
+                        what, peer = f"request {i}", None
                     error = TransferTimeout(what, timeout_s=self._timeout_of(i), peer=peer)
                     callbacks += self._finish(i, error)
         self._run(callbacks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
@@ -54,6 +55,99 @@ _REMOTE_OFFSET = operator.attrgetter("remote_offset")
 _LENGTH = operator.attrgetter("length")
 # How errors name the local side of read_into_tensor / write_tensor (a private buffer).
 _TENSOR = "tensor"
+_INT64_MAX = np.iinfo(np.int64).max
+_COLUMNS = ("local_offsets", "remote_offsets", "lengths")  # the rows of Pages.table
+# Offsets and lengths of Engine.submit_pages: an integer array, or ints (converted once).
+PageColumn = np.ndarray | Sequence[int]
+
+
+def _page_column(name: str, values: object) -> np.ndarray:
+    """``values`` as a numpy integer array (no copy if it is one); InvalidRequest says why not."""
+    array = np.asarray(values)
+    if not isinstance(values, np.ndarray) and array.size == 0:
+        return np.empty(0, dtype=np.int64)  # [] is float64 to numpy
+    if array.dtype.kind not in "iu":
+        # Also Python ints past int64 in a list (numpy makes them float64 or object).
+        raise InvalidRequest(f"{name} must be integers within int64, got {array.dtype} values")
+    if array.ndim > 1 or (array.ndim == 0 and name != "lengths"):
+        raise InvalidRequest(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
+        index = int(np.argmax(array.reshape(-1) > _INT64_MAX))
+        raise InvalidRequest(f"request {index}: {name} is {array.reshape(-1)[index]}, past int64")
+    return array
+
+
+def _page_table(local_offsets: object, remote_offsets: object, lengths: object) -> np.ndarray:
+    """The columns of Engine.submit_pages as a new int64 [3, n] array (``Pages.table``).
+
+    Our own copy: tcp frames still point into it after submit returns. InvalidRequest names
+    the bad column and, for a bad value, the first request that has one.
+    """
+    columns = [
+        _page_column(name, values)
+        for name, values in zip(_COLUMNS, (local_offsets, remote_offsets, lengths), strict=True)
+    ]
+    n = len(columns[0])
+    if len(columns[1]) != n or (columns[2].ndim and len(columns[2]) != n):
+        sizes = ", ".join(
+            f"{name} {column.size}" for name, column in zip(_COLUMNS, columns, strict=True)
+        )
+        raise InvalidRequest(f"one entry per request in each array, got {sizes}")
+    table = np.empty((3, n), dtype=np.int64)
+    table[0], table[1], table[2] = columns  # a scalar length fills its row
+    if n and table.min() < 0:
+        index = int(np.argmax((table < 0).any(axis=0)))
+        row = int(np.argmax(table[:, index] < 0))
+        raise InvalidRequest(
+            f"request {index}: {_COLUMNS[row]} must be >= 0, got {table[row, index]}"
+        )
+    return table
+
+
+def _pages_error(pages: Pages) -> TransferError | None:
+    """The error of a page batch that no byte may move for: a read-only side, or the first
+    request outside either segment (its local side named first), else None.
+    """
+    local, info, op, table = pages.local, pages.route.remote, pages.op, pages.table
+    if op is _READ and local.readonly:
+        return SegmentReadOnly(local.name)
+    if op is not _READ and info.readonly:
+        return SegmentReadOnly(info.name, peer=info.peer)
+    if not table.shape[1]:
+        return None
+    # One reduction decides the usual case: the largest offset plus the largest length fits.
+    local_max, remote_max, length_max = table.max(axis=1).tolist()
+    if local_max + length_max <= local.size_bytes and remote_max + length_max <= info.size_bytes:
+        return None
+    # No overflow (all values are 0..2**63-1): offset + length > size <=> offset > size - length
+    lengths = pages.lengths
+    local_bad = pages.local_offsets > local.size_bytes - lengths
+    remote_bad = pages.remote_offsets > info.size_bytes - lengths
+    bad = local_bad | remote_bad
+    if not bad.any():
+        return None
+    index = int(bad.argmax())
+    length = int(lengths[index])
+    if local_bad[index]:
+        offset = int(pages.local_offsets[index])
+        return OutOfBounds(
+            local.name,
+            offset=offset,
+            length=length,
+            size_bytes=local.size_bytes,
+            op=op.value,
+            index=index,
+        )
+    offset = int(pages.remote_offsets[index])
+    return OutOfBounds(
+        info.name,
+        offset=offset,
+        length=length,
+        size_bytes=info.size_bytes,
+        op=op.value,
+        peer=info.peer,
+        index=index,
+    )
 
 
 def _unlink_all(segments: dict[str, LocalSegment]) -> None:
@@ -391,11 +485,10 @@ class Engine:
         return batch
 
     def _pages_fast_path(self, batch: Batch, transport: str | None) -> bool:
-        """A KV handoff: many requests, one local host and one remote segment, one op.
-
-        Checked as arrays and handed to shm (copied at once) or tcp (vectored frames) with no
-        per-request objects; False (nothing done) sends the batch down the general path, which
-        also names each bad request precisely.
+        """A KV handoff given as TransferRequests: many requests, one local host and one remote
+        segment, one op. Turned into the arrays of ``submit_pages`` and moved the same way;
+        False (nothing done) sends the batch down the general path, which fails each bad
+        request with its own error.
         """
         requests = batch.requests
         first = requests[0]
@@ -412,46 +505,54 @@ class Engine:
             ):
                 return False
         local = self._segments.get(local_name)
-        if local is None or local.host is None or (op is _READ and local.readonly):
+        if local is None:
             return False
         try:
             info = self.lookup(remote_name)
             chosen = self._pick(info, transport)
         except TransferError:
             return False
-        if chosen is not self._shm and chosen is not self._tcp:
-            return False
         n = len(requests)
+        columns = itertools.chain(
+            map(_LOCAL_OFFSET, requests), map(_REMOTE_OFFSET, requests), map(_LENGTH, requests)
+        )
         try:
             # map(attrgetter) runs no bytecode per request: 26 vs 38 us for 256 (2-core box).
-            local_offsets = np.fromiter(map(_LOCAL_OFFSET, requests), np.int64, n)
-            remote_offsets = np.fromiter(map(_REMOTE_OFFSET, requests), np.int64, n)
-            lengths = np.fromiter(map(_LENGTH, requests), np.int64, n)
+            table = np.fromiter(columns, np.int64, 3 * n).reshape(3, n)
         except OverflowError:  # offsets past 2**63: certainly out of bounds, let the checks say so
             return False
-        # Overflow-free: offset <= size first, then length <= size - offset.
-        if (
-            (local_offsets > local.size_bytes).any()
-            or (lengths > local.size_bytes - local_offsets).any()
-            or (remote_offsets > info.size_bytes).any()
-            or (lengths > info.size_bytes - remote_offsets).any()
-            or (op is not _READ and info.readonly)
-        ):
+        pages = Pages(Route(info, chosen.name, op.value), local, op, table)
+        if not self._takes_pages(pages) or _pages_error(pages) is not None:
             return False
-        route = Route(info, chosen.name, op.value)
-        route.totals = [n, int(lengths.sum())]
-        pages = Pages(route, local, op, local_offsets, remote_offsets, lengths)
-        if chosen is self._shm:
-            if not self._shm.copy_pages(pages):
-                return False
-            batch._routes.append(route)
-            batch._done_all()
-            return True
-        batch._routes.append(route)
-        if not self._tcp.submit_pages(batch, pages):
-            batch._routes.remove(route)
-            return False
+        batch._pages = pages
+        self._start_pages(batch, pages)
         return True
+
+    def _takes_pages(self, pages: Pages) -> bool:
+        """Whether the array path can move ``pages`` (else the per-request path does)."""
+        transport = pages.route.transport
+        if pages.local.host is None or transport not in ("shm", "tcp"):
+            return False
+        lengths = pages.lengths
+        return not (
+            transport == "tcp" and len(lengths) and lengths.max() > self._tcp.page_max_bytes
+        )
+
+    def _start_pages(self, batch: Batch, pages: Pages) -> None:
+        """Hand checked pages to shm (copied now) or tcp (vectored frames); a failure before any
+        byte moved (owner gone, peer unreachable) fails every request of the batch with it.
+        """
+        route = pages.route
+        route.totals = [len(pages.lengths), int(pages.lengths.sum())]
+        batch._routes.append(route)
+        try:
+            if route.transport == "shm":
+                self._shm.copy_pages(pages)
+                batch._done_all()
+            else:
+                self._tcp.submit_pages(batch, pages)
+        except TransferError as exc:
+            batch._fail_range(0, len(batch), exc)
 
     def _buffers_fast_path(
         self, batch: Batch, buffers: Sequence[LocalSegment], transport: str | None
@@ -507,17 +608,103 @@ class Engine:
             peer=info.peer,
         )
 
-    def _on_error(self, request: TransferRequest, error: TransferError) -> None:
+    def _on_error(self, remote: str, error: TransferError) -> None:
         # The owner may have restarted, withdrawn or re-registered (resized) the segment:
         # resolve it afresh next time.
         if isinstance(error, SegmentNotFound | PeerUnavailable | ProtocolError | OutOfBounds):
-            self._cache.pop(request.remote, None)
+            self._cache.pop(remote, None)
 
     def transfer(
         self, requests: Sequence[TransferRequest], *, transport: str | None = None
     ) -> None:
         """Submit, wait, and raise BatchFailed naming every failed request, if any."""
         batch = self.submit(requests, transport=transport)
+        batch._wait(None)
+        batch.raise_for_errors()
+
+    # -- page batches as arrays ----------------------------------------------------------
+
+    def submit_pages(
+        self,
+        op: Op,
+        local: str,
+        remote: str,
+        *,
+        local_offsets: PageColumn,
+        remote_offsets: PageColumn,
+        lengths: int | PageColumn,
+        transport: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Batch:
+        """Start ONE batch of request i = ``op`` of ``lengths[i]`` bytes between offset
+        ``local_offsets[i]`` of local segment ``local`` and ``remote_offsets[i]`` of segment
+        ``remote`` (a KV-page handoff), with no Python object per request.
+
+        Offsets and lengths are integer numpy arrays or sequences of ints (copied once into
+        int64 arrays: the caller may reuse its own at once); ``lengths`` may be one int for
+        every request. ``timeout_s`` is every request's deadline (default: the engine's).
+
+        Everything that can be checked before a byte moves is, and raises: InvalidRequest
+        (not Op, not 1-D integers, arrays of different lengths, a negative value; the message
+        names the first bad request), SegmentNotFound (either segment), SegmentReadOnly (READ
+        into a read-only local segment, WRITE into a read-only remote one), OutOfBounds (the
+        first request outside either segment, as ``.index``), TransportUnavailable (and
+        MetadataError if the metadata service fails looking ``remote`` up). A peer
+        that fails later (gone, unreachable, killed mid-batch, past the deadline) fails the
+        requests it carried in the batch, as in ``submit``. Over shm and tcp the batch builds
+        its TransferRequests only if asked (``requests``, ``wait``, ``outcomes``); other
+        transports, and tcp pages over ``TcpTransport.page_max_bytes``, go per request.
+        """
+        if self._closed:
+            raise TransferError("engine is closed")
+        if not isinstance(op, Op):
+            raise InvalidRequest(f"op must be Op.READ or Op.WRITE, got {op!r}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise InvalidRequest(f"timeout_s must be > 0, got {timeout_s!r}")
+        table = _page_table(local_offsets, remote_offsets, lengths)
+        segment = self._segments.get(local)
+        if segment is None:
+            raise SegmentNotFound(local, peer=self.address)
+        info = self.lookup(remote)
+        chosen = self._pick(info, transport)
+        pages = Pages(Route(info, chosen.name, op.value), segment, op, table, timeout_s)
+        error = _pages_error(pages)
+        if error is not None:
+            raise error
+        if not self._takes_pages(pages):
+            return self._submit(pages.requests(), transport=chosen.name, sync=False)
+        batch = Batch(
+            pages=pages,
+            default_timeout_s=self.config.request_timeout_s if timeout_s is None else timeout_s,
+            on_error=self._on_error,
+        )
+        if len(batch):
+            self._start_pages(batch, pages)
+        return batch
+
+    def transfer_pages(
+        self,
+        op: Op,
+        local: str,
+        remote: str,
+        *,
+        local_offsets: PageColumn,
+        remote_offsets: PageColumn,
+        lengths: int | PageColumn,
+        transport: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """``submit_pages``, wait, and raise BatchFailed naming every failed request, if any."""
+        batch = self.submit_pages(
+            op,
+            local,
+            remote,
+            local_offsets=local_offsets,
+            remote_offsets=remote_offsets,
+            lengths=lengths,
+            transport=transport,
+            timeout_s=timeout_s,
+        )
         batch._wait(None)
         batch.raise_for_errors()
 

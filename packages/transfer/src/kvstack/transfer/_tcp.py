@@ -57,6 +57,7 @@ from kvstack.transfer._transport import check_remote
 from kvstack.transfer._types import Op, SegmentInfo
 from kvstack.transfer.errors import (
     AuthenticationFailed,
+    InvalidRequest,
     OutOfBounds,
     PeerUnavailable,
     ProtocolError,
@@ -459,7 +460,6 @@ class _PageVec:
         "name",
         "op",
         "ranges",
-        "route",
         "start",
         "stop",
     )
@@ -475,7 +475,6 @@ class _PageVec:
         table: np.ndarray,
     ) -> None:
         self.batch = batch
-        self.route = pages.route
         self.op = pages.op
         self.name = pages.route.remote.name.encode()
         self.start, self.stop = start, stop
@@ -493,7 +492,7 @@ class _PageVec:
         if error is None:
             self.batch._done_range(self.start, self.stop)
         else:
-            self.batch._fail_range(self.start, self.stop, error, self.route)
+            self.batch._fail_range(self.start, self.stop, error)
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
@@ -728,6 +727,8 @@ class TcpTransport:
     """Any peer with a tcp address: several pipelined connections per peer."""
 
     name = "tcp"
+    # The largest page of submit_pages: pages travel in vectored frames, unstriped.
+    page_max_bytes = _VEC_PART_MAX
 
     def __init__(
         self, *, token: str | None, connections: int, stripe_bytes: int, connect_timeout_s: float
@@ -802,21 +803,16 @@ class TcpTransport:
         work.split(len(starts))
         return [_Part(work, view[s : s + stripe], r.remote_offset + s) for s in starts]
 
-    def submit_pages(self, batch: Batch, pages: Pages) -> bool:
-        """Send a bounds-checked run of pages as vectored frames spread over the connections.
+    def submit_pages(self, batch: Batch, pages: Pages) -> None:
+        """Send a bounds-checked run of host pages, each at most ``page_max_bytes``, as
+        vectored frames spread over the connections; each frame's pages finish together.
 
-        False (nothing sent) when a page is too big for a vectored frame or the peer cannot be
-        reached: the per-request path then stripes or reports per request.
+        Raises (nothing sent) the error of connecting, if no connection to the peer is up.
         """
-        if int(pages.lengths.max()) > _VEC_PART_MAX:
-            return False
-        try:
-            conns = self._conns(pages.route.remote)
-        except TransferError:
-            return False
         memory = pages.local.host
         if memory is None:
-            return False
+            raise InvalidRequest(f"segment {pages.local.name!r} is not host memory")
+        conns = self._conns(pages.route.remote)
         n = len(pages.lengths)
         share = -(-n // len(conns))
         table = np.stack((pages.remote_offsets, pages.lengths), axis=1).astype("<u8")
@@ -841,7 +837,6 @@ class TcpTransport:
             _send(conn, units)
         for future in futures:
             future.result()
-        return True
 
     def _send_pool(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -194,17 +194,14 @@ class ShmTransport:
         if works:
             works[0].batch._done_many(done)
 
-    def copy_pages(self, pages: Pages) -> bool:
-        """Copy a bounds-checked run of ranges; False (nothing copied) if the owner is gone or
-        its mapping fails, so the caller takes the per-request path that names the error.
+    def copy_pages(self, pages: Pages) -> None:
+        """Copy a bounds-checked run of ranges. Raises (nothing copied) PeerUnavailable if the
+        owner is gone or its file cannot be mapped, SegmentNotFound if it was withdrawn.
         """
         info = pages.route.remote
         if not is_alive(info.pid):
-            return False
-        try:
-            region = self.region(info)
-        except TransferError:
-            return False
+            raise PeerUnavailable(f"owner process {info.pid} has exited", peer=info.peer)
+        region = self.region(info)
         # Addresses computed as arrays: no Python work per page before the copy itself.
         local_addresses = pages.local_offsets + pages.local.address
         remote_addresses = pages.remote_offsets + region.address
@@ -212,7 +209,6 @@ class ShmTransport:
             _memory.memcpy_ranges(local_addresses, remote_addresses, pages.lengths)
         else:
             _memory.memcpy_ranges(remote_addresses, local_addresses, pages.lengths)
-        return True
 
     def copy_ranges(
         self,

@@ -103,7 +103,7 @@ class SegmentExists(InvalidRequest):
 
 
 class OutOfBounds(InvalidRequest, IndexError):
-    """offset + length falls outside the segment."""
+    """offset + length falls outside the segment; ``index``: which request of a page batch."""
 
     def __init__(
         self,
@@ -114,21 +114,26 @@ class OutOfBounds(InvalidRequest, IndexError):
         size_bytes: int,
         op: str = "access",
         peer: str | None = None,
+        index: int | None = None,
     ) -> None:
         self.segment = segment
         self.offset = offset
         self.length = length
         self.size_bytes = size_bytes
         self.op = op
+        self.index = index
+        # index only when given: peers of older versions rebuild wire errors from these fields.
+        extra = {} if index is None else {"index": index}
         self._keep(
-            f"{op} of {length} bytes at offset {offset} exceeds segment {segment!r} "
-            f"({size_bytes} bytes){_on(peer)}",
+            f"{'' if index is None else f'request {index}: '}{op} of {length} bytes at offset "
+            f"{offset} exceeds segment {segment!r} ({size_bytes} bytes){_on(peer)}",
             peer,
             segment=segment,
             offset=offset,
             length=length,
             size_bytes=size_bytes,
             op=op,
+            **extra,
         )
 
 

@@ -1,0 +1,519 @@
+"""Engine.submit_pages / transfer_pages: a page batch given as arrays, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvstack.transfer import (
+    AsyncEngine,
+    Engine,
+    EngineConfig,
+    InvalidRequest,
+    Op,
+    OutOfBounds,
+    PeerUnavailable,
+    RequestStatus,
+    SegmentNotFound,
+    SegmentReadOnly,
+    TransferRequest,
+    TransferTimeout,
+    TransportUnavailable,
+)
+from kvstack.transfer._peer import PeerProcess, random_bytes
+
+TRANSPORTS = ["shm", "tcp"]
+OPS = [Op.READ, Op.WRITE]
+MiB = 1 << 20
+SEG_BYTES = 4 * MiB
+SLOT = 16 << 10
+PEER_SEED = 41
+# Far longer than anything here should take, short enough that a hang fails the test quickly.
+WAIT_S = 60.0
+
+
+def _sha(data: np.ndarray) -> str:
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+@pytest.fixture
+def peer(start_peer: Callable[..., PeerProcess]) -> PeerProcess:
+    return start_peer(f"kv:{SEG_BYTES}:shm:{PEER_SEED}", f"ro:{MiB}:readonly:2")
+
+
+def _scattered(seed: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct random slots on each side, unaligned starts, lengths 0..SLOT-64 (0 and 1 too)."""
+    rng = np.random.default_rng(seed)
+    slots = SEG_BYTES // SLOT
+    local = rng.choice(slots, count, replace=False) * SLOT + rng.integers(0, 64, count)
+    remote = rng.choice(slots, count, replace=False) * SLOT + rng.integers(0, 64, count)
+    lengths = rng.integers(0, SLOT - 64, count)
+    lengths[:2] = [0, 1]
+    return local, remote, lengths
+
+
+def _expected(
+    dst: np.ndarray, src: np.ndarray, dst_offsets: Any, src_offsets: Any, lengths: Any
+) -> np.ndarray:
+    out = dst.copy()
+    for d, s, n in zip(dst_offsets, src_offsets, lengths, strict=True):
+        out[d : d + n] = src[s : s + n]
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("op", OPS)
+def test_pages_byte_for_byte(
+    copy_path: str, engine: Engine, peer: PeerProcess, transport: str, op: Op
+) -> None:
+    seed = 500 + OPS.index(op)  # the op is in the test id
+    local_offsets, remote_offsets, lengths = _scattered(seed, 200)
+    local = engine.allocate("local", SEG_BYTES)
+    local[:] = random_bytes(seed + 1, SEG_BYTES)
+    before = local.copy()
+    remote = random_bytes(PEER_SEED, SEG_BYTES)
+    engine.transfer_pages(
+        op,
+        "local",
+        "kv",
+        local_offsets=local_offsets,
+        remote_offsets=remote_offsets,
+        lengths=lengths,
+        transport=transport,
+    )
+    if op is Op.READ:
+        expected = _expected(before, remote, local_offsets, remote_offsets, lengths)
+        np.testing.assert_array_equal(local, expected)
+    else:
+        # One hash of the whole segment: the pages arrived and nothing else changed.
+        expected = _expected(remote, before, remote_offsets, local_offsets, lengths)
+        assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
+        np.testing.assert_array_equal(local, before)
+
+
+# Offset arrays the API converts once: narrower and unsigned dtypes, strided views, lists.
+COLUMN_KINDS = ["int32", "uint64", "strided", "list"]
+
+
+@pytest.mark.parametrize("kind", COLUMN_KINDS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_other_integer_columns_are_accepted(
+    engine: Engine, peer: PeerProcess, transport: str, kind: str
+) -> None:
+    local = engine.allocate("local", SEG_BYTES)
+    slots = np.arange(0, 64, 2) * SLOT  # 32 pages
+    columns: dict[str, Any] = {
+        "int32": slots.astype(np.int32),
+        "uint64": slots.astype(np.uint64),
+        "strided": np.repeat(slots, 2)[::2],  # not contiguous
+        "list": slots.tolist(),
+    }
+    offsets = columns[kind]
+    if kind == "strided":
+        assert not offsets.flags.c_contiguous
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "kv",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=SLOT,
+        transport=transport,
+    )
+    expected = _expected(
+        np.zeros(SEG_BYTES, np.uint8), random_bytes(PEER_SEED, SEG_BYTES), slots, slots, [SLOT] * 32
+    )
+    np.testing.assert_array_equal(local, expected)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_caller_may_reuse_its_arrays_at_once(
+    engine: Engine, peer: PeerProcess, transport: str
+) -> None:
+    local = engine.allocate("local", SEG_BYTES)
+    local[:] = random_bytes(7, SEG_BYTES)
+    offsets = np.arange(64, dtype=np.int64) * SLOT
+    batch = engine.submit_pages(
+        Op.WRITE,
+        "local",
+        "kv",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=SLOT,
+        transport=transport,
+    )
+    offsets[:] = SEG_BYTES  # the batch copied them: in flight, its frames must not see this
+    assert [o.status for o in batch.wait(timeout_s=WAIT_S)] == [RequestStatus.DONE] * 64
+    expected = random_bytes(PEER_SEED, SEG_BYTES)
+    expected[: 64 * SLOT] = local[: 64 * SLOT]
+    assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_batch_builds_requests_only_when_asked(
+    engine: Engine, peer: PeerProcess, transport: str
+) -> None:
+    engine.allocate("local", SEG_BYTES)
+    offsets = np.arange(16) * SLOT
+    batch = engine.submit_pages(
+        Op.READ,
+        "local",
+        "kv",
+        local_offsets=offsets,
+        remote_offsets=offsets[::-1],
+        lengths=100,
+        transport=transport,
+        timeout_s=20,
+    )
+    assert batch.wait(timeout_s=WAIT_S)[3].ok
+    assert batch._requests is not None  # wait() returns outcomes: now they exist
+    again = engine.submit_pages(
+        Op.READ,
+        "local",
+        "kv",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=100,
+        transport=transport,
+    )
+    again._wait(None)
+    assert again._requests is None  # nobody asked
+    assert batch.requests[3] == TransferRequest(
+        Op.READ, "local", 3 * SLOT, "kv", 12 * SLOT, 100, 20
+    )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_empty_arrays_give_a_finished_batch(
+    engine: Engine, peer: PeerProcess, transport: str
+) -> None:
+    engine.allocate("local", SEG_BYTES)
+    for empty in ([], np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint32)):
+        batch = engine.submit_pages(
+            Op.WRITE,
+            "local",
+            "kv",
+            local_offsets=empty,
+            remote_offsets=empty,
+            lengths=empty,
+            transport=transport,
+        )
+        assert len(batch) == 0
+        assert batch.done
+        assert batch.wait(timeout_s=WAIT_S) == []
+        assert batch.failures() == {}
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "kv",
+        local_offsets=[],
+        remote_offsets=[],
+        lengths=SLOT,
+        transport=transport,
+    )
+
+
+def test_pages_too_big_for_vectored_frames_and_other_transports(
+    engine: Engine, peer: PeerProcess
+) -> None:
+    # Pages over TcpTransport.page_max_bytes go per request (striped), as submit sends them.
+    local = engine.allocate("local", SEG_BYTES)
+    offsets = np.array([0, 2 * MiB])
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "kv",
+        local_offsets=offsets,
+        remote_offsets=offsets[::-1],
+        lengths=MiB,
+        transport="tcp",
+    )
+    remote = random_bytes(PEER_SEED, SEG_BYTES)
+    np.testing.assert_array_equal(local[:MiB], remote[2 * MiB : 3 * MiB])
+    np.testing.assert_array_equal(local[2 * MiB : 3 * MiB], remote[:MiB])
+    # Engines of one process meet over the local transport, also per request.
+    config = EngineConfig(metadata_url=f"memory://{uuid.uuid4().hex}")
+    with Engine(config) as a, Engine(config) as b:
+        seg = a.allocate("seg", 4096)
+        b.register("src", bytearray(b"0123456789"))
+        b.transfer_pages(
+            Op.WRITE, "src", "seg", local_offsets=[0, 5], remote_offsets=[100, 200], lengths=5
+        )
+        assert bytes(seg[100:105]) == b"01234"
+        assert bytes(seg[200:205]) == b"56789"
+
+
+# Every input the call refuses up front: (changes to a good call, error class, message).
+BAD_INPUTS = [
+    pytest.param({"op": "read"}, InvalidRequest, "op must be Op.READ or Op.WRITE", id="op"),
+    pytest.param(
+        {"local_offsets": np.zeros(4)},
+        InvalidRequest,
+        "local_offsets must be integers within int64, got float64 values",
+        id="float-dtype",
+    ),
+    pytest.param(
+        {"remote_offsets": [True] * 4},
+        InvalidRequest,
+        "remote_offsets must be integers within int64, got bool values",
+        id="bools",
+    ),
+    pytest.param(
+        {"local_offsets": [0, 2**63, 0, 0]},
+        InvalidRequest,
+        "local_offsets must be integers within int64",  # numpy makes the list float64
+        id="int-past-int64-in-list",
+    ),
+    pytest.param(
+        {"local_offsets": np.array([0, 2**63, 0, 0], dtype=np.uint64)},
+        InvalidRequest,
+        "request 1: local_offsets is 9223372036854775808, past int64",
+        id="uint64-past-int64",
+    ),
+    pytest.param(
+        {"remote_offsets": np.zeros((2, 2), dtype=np.int64)},
+        InvalidRequest,
+        r"remote_offsets must be one-dimensional, got shape \(2, 2\)",
+        id="2-d",
+    ),
+    pytest.param(
+        {"local_offsets": 0},
+        InvalidRequest,
+        r"local_offsets must be one-dimensional, got shape \(\)",
+        id="scalar-offsets",
+    ),
+    pytest.param(
+        {"lengths": [1, 2, 3]},
+        InvalidRequest,
+        "one entry per request in each array, got local_offsets 4, remote_offsets 4, lengths 3",
+        id="mismatched",
+    ),
+    pytest.param(
+        {"remote_offsets": [0, 1, 2, -1]},
+        InvalidRequest,
+        "request 3: remote_offsets must be >= 0, got -1",
+        id="negative-offset",
+    ),
+    pytest.param(
+        {"lengths": -5}, InvalidRequest, "request 0: lengths must be >= 0, got -5", id="negative"
+    ),
+    pytest.param({"timeout_s": 0}, InvalidRequest, "timeout_s must be > 0", id="timeout"),
+    pytest.param({"local": "nope"}, SegmentNotFound, "segment 'nope' not found", id="no-local"),
+    pytest.param(
+        {"remote": "missing-kv"}, SegmentNotFound, "segment 'missing-kv' not found", id="no-remote"
+    ),
+    pytest.param(
+        {"remote": "ro"}, SegmentReadOnly, "segment 'ro' is read-only on peer", id="ro-remote"
+    ),
+    pytest.param(
+        {"op": Op.READ, "local": "frozen"},
+        SegmentReadOnly,
+        "segment 'frozen' is read-only",
+        id="ro-local",
+    ),
+    pytest.param(
+        {"local_offsets": [0, 0, SEG_BYTES - 10, 0]},
+        OutOfBounds,
+        rf"^request 2: write of 4096 bytes at offset {SEG_BYTES - 10} exceeds segment 'local' "
+        rf"\({SEG_BYTES} bytes\)$",
+        id="local-out-of-bounds",
+    ),
+    pytest.param(
+        {"remote_offsets": [0, SEG_BYTES, 0, SEG_BYTES + 1]},
+        OutOfBounds,
+        rf"^request 1: write of 4096 bytes at offset {SEG_BYTES} exceeds segment 'kv' "
+        rf"\({SEG_BYTES} bytes\) on peer 127\.0\.0\.1:",
+        id="remote-out-of-bounds",
+    ),
+    pytest.param(
+        {"transport": "cuda"},
+        TransportUnavailable,
+        r"no transport of \['cuda'\] can reach",
+        id="unreachable",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), BAD_INPUTS)
+def test_bad_inputs_raise_typed_errors_before_any_byte_moves(
+    engine: Engine, peer: PeerProcess, change: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    local = engine.allocate("local", SEG_BYTES)
+    local[:] = 0xAB
+    engine.register("frozen", bytes(SEG_BYTES), readonly=True)
+    call: dict[str, Any] = {
+        "op": Op.WRITE,
+        "local": "local",
+        "local_offsets": [0, SLOT, 2 * SLOT, 3 * SLOT],
+        "remote": "kv",
+        "remote_offsets": [0, SLOT, 2 * SLOT, 3 * SLOT],
+        "lengths": 4096,
+    } | change
+    with pytest.raises(error, match=match):
+        engine.submit_pages(**call)
+    # Request 0 was good: it must not have moved either.
+    assert peer.command(f"hash kv 0 {SLOT}") == _sha(random_bytes(PEER_SEED, SLOT))
+
+
+def test_out_of_bounds_keeps_index_and_fields(engine: Engine, peer: PeerProcess) -> None:
+    engine.allocate("local", SEG_BYTES)
+    with pytest.raises(OutOfBounds) as info:
+        engine.submit_pages(
+            Op.READ,
+            "local",
+            "kv",
+            local_offsets=[0, 0, 0],
+            remote_offsets=[0, 8, SEG_BYTES - 8],
+            lengths=[8, 8, 16],
+            transport="tcp",
+        )
+    error = info.value
+    assert (error.index, error.segment, error.offset, error.length) == (2, "kv", SEG_BYTES - 8, 16)
+    assert error.size_bytes == SEG_BYTES
+    assert error.op == "read"
+    assert error.peer == peer.address
+
+
+def test_killed_peer_fails_the_page_batch_within_the_deadline(
+    engine: Engine, start_peer: Callable[..., PeerProcess]
+) -> None:
+    doomed = start_peer(f"doomed:{SEG_BYTES}:shm:1")
+    start_peer(f"healthy:{MiB}:shm:2")
+    local = engine.allocate("local", SEG_BYTES)
+    offsets = np.arange(128) * SLOT
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "doomed",
+        local_offsets=offsets[:2],
+        remote_offsets=offsets[:2],
+        lengths=SLOT,
+        transport="tcp",
+    )
+    # Freeze it first, so the batch is certainly in flight when the kill lands.
+    doomed.freeze()
+    batch = engine.submit_pages(
+        Op.READ,
+        "local",
+        "doomed",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=SLOT,
+        transport="tcp",
+        timeout_s=WAIT_S,
+    )
+    assert not batch.poll()
+    doomed.kill()
+    outcomes = batch.wait(timeout_s=WAIT_S)
+    assert all(o.status is RequestStatus.FAILED for o in outcomes)
+    assert all(isinstance(o.error, PeerUnavailable) for o in outcomes), [o.error for o in outcomes]
+    assert set(batch.failures()) == set(range(128))
+    # The engine serves the next peer.
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "healthy",
+        local_offsets=[0],
+        remote_offsets=[0],
+        lengths=MiB,
+        transport="tcp",
+    )
+    np.testing.assert_array_equal(local[:MiB], random_bytes(2, MiB))
+
+
+def test_hung_peer_fails_each_page_by_its_deadline_then_recovers(
+    engine: Engine, start_peer: Callable[..., PeerProcess]
+) -> None:
+    peer = start_peer(f"sleepy:{SEG_BYTES}:shm:4")
+    local = engine.allocate("local", SEG_BYTES)
+    offsets = np.arange(64) * SLOT
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "sleepy",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=SLOT,
+        transport="tcp",
+    )
+    peer.freeze()
+    try:
+        batch = engine.submit_pages(
+            Op.WRITE,
+            "local",
+            "sleepy",
+            local_offsets=offsets,
+            remote_offsets=offsets,
+            lengths=SLOT,
+            transport="tcp",
+            timeout_s=0.5,
+        )
+        batch.wait(timeout_s=WAIT_S)  # raises TransferTimeout if a request outlives WAIT_S
+        failures = batch.failures()
+        assert set(failures) == set(range(64))
+        assert all(isinstance(e, TransferTimeout | PeerUnavailable) for e in failures.values())
+        timeouts = [e for e in failures.values() if isinstance(e, TransferTimeout)]
+        # Unless the connection was closed first: the message names the page and the peer.
+        for e in timeouts:
+            assert "write of 16384 bytes at offset" in str(e)
+            assert (
+                f"of segment 'sleepy' did not complete within 0.5 s on peer {peer.address}"
+                in str(e)
+            )
+    finally:
+        peer.thaw()
+    # (Written pages that land after the thaw hold what the first READ fetched: no change.)
+    local[:] = 0
+    engine.transfer_pages(
+        Op.READ,
+        "local",
+        "sleepy",
+        local_offsets=offsets,
+        remote_offsets=offsets,
+        lengths=SLOT,
+        transport="tcp",
+    )
+    np.testing.assert_array_equal(local[: 64 * SLOT], random_bytes(4, SEG_BYTES)[: 64 * SLOT])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_async_pages(metadata_url: str, peer: PeerProcess, transport: str) -> None:
+    local_offsets, remote_offsets, lengths = _scattered(600, 50)
+
+    async def main() -> tuple[np.ndarray, np.ndarray]:
+        async with AsyncEngine(EngineConfig(metadata_url=metadata_url)) as engine:
+            local = await engine.allocate("local", SEG_BYTES)
+            local[:] = random_bytes(601, SEG_BYTES)
+            sent = local.copy()
+            await engine.transfer_pages(
+                Op.WRITE,
+                "local",
+                "kv",
+                local_offsets=local_offsets,
+                remote_offsets=remote_offsets,
+                lengths=lengths,
+                transport=transport,
+            )
+            local[:] = 0
+            batch = await engine.submit_pages(
+                Op.READ,
+                "local",
+                "kv",
+                local_offsets=local_offsets,
+                remote_offsets=remote_offsets,
+                lengths=lengths,
+                transport=transport,
+            )
+            outcomes = await engine.wait(batch, timeout_s=WAIT_S)
+            assert all(o.ok for o in outcomes)
+            return sent, local.copy()
+
+    sent, back = asyncio.run(main())
+    expected = _expected(np.zeros(SEG_BYTES, np.uint8), sent, local_offsets, local_offsets, lengths)
+    np.testing.assert_array_equal(back, expected)
