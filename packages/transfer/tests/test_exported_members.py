@@ -41,6 +41,7 @@ def test_all_is_the_sorted_public_surface() -> None:
         "TransferTimeout",
         "Transport",
         "TransportUnavailable",
+        "bytes_hashed",
         "copy_host",
         "copy_host_hashed",
         "copy_host_many",

@@ -14,6 +14,7 @@ from kvstack.transfer import (
     InvalidRequest,
     _env,
     _native,
+    bytes_hashed,
     copy_host_hashed,
     copy_host_many_hashed,
     kvhash64,
@@ -184,10 +185,24 @@ def test_public_functions_agree() -> None:
         np.testing.assert_array_equal(out, value)
 
 
+@pytest.mark.parametrize("length", [0, 1, 4096, BLOCK + 7, 3 * MiB + 1])
+def test_bytes_hashed_returns_a_copy_and_its_digest(length: int) -> None:
+    src = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8)
+    expected = src.tobytes()
+    data, digest = bytes_hashed(src)
+    assert type(data) is bytes
+    assert data == expected
+    assert digest == kvhash64_reference(src)
+    src ^= 0xFF  # a copy, not a view
+    assert data == expected
+
+
 def test_bad_input_is_refused_clearly() -> None:
     matrix = np.zeros((64, 64), dtype=np.uint8)
     with pytest.raises(InvalidRequest, match="C-contiguous"):
         kvhash64(matrix[:, ::2])
+    with pytest.raises(InvalidRequest, match="C-contiguous"):
+        bytes_hashed(matrix[:, ::2])
     with pytest.raises(InvalidRequest, match="KVH-64 of a int"):
         kvhash64(5)
     with pytest.raises(InvalidRequest, match="copy of 10 bytes into 9"):
@@ -211,5 +226,6 @@ def test_without_native_code_the_digests_are_the_same() -> None:
     outs = [np.zeros_like(v) for v in values]
     assert copy_host_many_hashed(outs, values) == expected
     assert copy_host_hashed(outs[3], values[3]) == expected[3]
+    assert bytes_hashed(values[2]) == (values[2].tobytes(), expected[2])
     for out, value in zip(outs, values, strict=True):
         np.testing.assert_array_equal(out, value)

@@ -25,6 +25,7 @@ from kvstack.transfer._batch import Batch
 from kvstack.transfer._config import EngineConfig, format_size, parse_size
 from kvstack.transfer._engine import Engine
 from kvstack.transfer._kvhash import (
+    bytes_hashed,
     copy_host_hashed,
     copy_host_many_hashed,
     kvhash64,
@@ -90,6 +91,7 @@ __all__ = [
     "TransferTimeout",
     "Transport",
     "TransportUnavailable",
+    "bytes_hashed",
     "copy_host",
     "copy_host_hashed",
     "copy_host_many",

@@ -13,6 +13,7 @@ compiler, or ``KVSTACK_TRANSFER_NATIVE_COPY=0``), a few times slower than XXH3.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from kvstack.transfer._memory import (
 from kvstack.transfer.errors import InvalidRequest
 
 __all__ = [
+    "bytes_hashed",
     "copy_host_hashed",
     "copy_host_many_hashed",
     "kvhash64",
@@ -159,6 +161,29 @@ def copy_host_hashed(dst: np.ndarray, src: np.ndarray, *, stream: bool = False) 
     if not n:
         return copier.hash_copy(0, 0, 0, threads=1, stream=False)
     return copier.hash_copy(dst.ctypes.data, src.ctypes.data, n, threads=_threads(n), stream=stream)
+
+
+# A bytes object of n bytes not yet filled in (CPython's own way of building one): filled by
+# the copier before anything else sees it, so a read returns bytes with one pass over the
+# source instead of a copy (bytes()) and then a hash of that copy.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def bytes_hashed(src: np.ndarray) -> tuple[bytes, int]:
+    """A new ``bytes`` holding ``src``'s bytes (a C-contiguous host array), and their
+    ``kvhash64``, from one pass over ``src`` where the native library runs."""
+    if not src.flags.c_contiguous:
+        raise InvalidRequest("bytes_hashed needs a C-contiguous array")
+    copier = _native.load()
+    n = src.nbytes
+    if copier is None or not n:
+        data = src.tobytes()
+        return data, kvhash64(data)
+    data = _new_bytes(None, n)
+    address = np.frombuffer(data, np.uint8).ctypes.data
+    return data, copier.hash_copy(address, src.ctypes.data, n, threads=_threads(n), stream=False)
 
 
 def copy_host_many_hashed(
