@@ -11,6 +11,7 @@ every replica of every put, every first replica of a get; only failed items go o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -39,8 +40,10 @@ from kvstack.store._master import check_key, run_master_in_thread
 from kvstack.store._node import StoreNode
 from kvstack.store._wire import MasterConnection, Op
 from kvstack.store.errors import (
+    AlreadyExists,
     ChecksumMismatch,
     InvalidArgument,
+    InvalidKey,
     NotFound,
     ReplicaUnavailable,
     StoreError,
@@ -88,6 +91,14 @@ _SEGMENT_RETRY_S = 1.5
 # bigger machine should favour the engine.
 DIRECT_MAX_BYTES = 4 << 20
 
+# Puts started ahead (see _Slot): at most this many held per client, each used within this
+# long of the master starting it (well inside the 2 s after which the master frees it; and
+# short enough that a master restart meanwhile, which also forgets started puts, cannot
+# plausibly have handed the space to another put before it is written). Unused ones are
+# dropped: the master frees them.
+_MAX_SLOTS = 4
+_SLOT_MAX_AGE_S = 0.5
+
 Value = object  # bytes-like, numpy array or CPU torch tensor
 _DEFAULT_OPTIONS = PutOptions()
 _OVERWRITE_OPTIONS = PutOptions(overwrite=True)  # dataclasses.replace costs ~4 us a put
@@ -105,6 +116,18 @@ class _Located:
     def verifies(self, data: memoryview | bytes) -> bool:
         """Whether ``data`` (the object's bytes) matches the committed checksum."""
         return checksum(data, self.checksum_kind) == self.checksum
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A put the master started ahead, with no key yet: space for this client's next put of
+    ``size`` bytes (default options). Using it makes a put one round trip, the commit (which
+    names the key and starts the next one), instead of PUT_START and then PUT_COMMIT."""
+
+    size: int
+    put_id: str
+    replicas: list[list[Any]]
+    use_by: float  # monotonic
 
 
 def _checksum_of(kind: ChecksumKind, view: np.ndarray) -> int:
@@ -126,6 +149,9 @@ class StoreClient:
         self._engine = Engine(EngineConfig(metadata_url=self.metadata_url))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._slots: list[_Slot] = []
+        self._slots_lock = threading.Lock()
+        self._last_size = 0  # of the last put that could use a slot: sizes that repeat get one
         if self.config.contribute_bytes:
             self._node = StoreNode(
                 NodeConfig(
@@ -182,6 +208,10 @@ class StoreClient:
 
     def close(self) -> None:
         """Release connections, the contributed memory and (embedded) the master. Idempotent."""
+        with self._slots_lock:
+            slots = self._slots
+            self._slots = []
+        self._abort_slots(slots)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -431,6 +461,17 @@ class StoreClient:
             request["attrs"] = attrs
         kind = writer_kind()
         size = view.nbytes
+        # Default options (overwrite aside) and a size a started put can hold: use one kept
+        # from the last commit, and start the next one with this commit.
+        ahead = size if 0 < size <= DIRECT_MAX_BYTES and wire.keys() <= {"overwrite"} else 0
+        slot = self._take_slot(size) if ahead else None
+        if ahead and ahead != self._last_size:  # start puts ahead only for repeating sizes
+            self._last_size = ahead
+            ahead = 0
+        if slot is not None and self._put_into(
+            slot, key, view, kind=kind, overwrite=opts.overwrite, attrs=attrs, deadline=deadline
+        ):
+            return
         # The checksum: computed while the master allocates, or (big, KVH-64) inside the copy.
         digest: list[int] = []
         fused = kind is ChecksumKind.KVH_64 and size >= _FUSED_HASH_BYTES
@@ -476,12 +517,99 @@ class StoreClient:
         }
         if written:
             commit["failed"] = written
-        reply = self._master.call(
-            Op.PUT_COMMIT, {"items": [commit]}, timeout_s=self._left(deadline, "put")
-        )
-        item = reply["items"][0]
+        item = self._commit(commit, ahead, deadline)
         if "error" in item:
             raise error_from_wire(item["error"])
+
+    def _put_into(
+        self,
+        slot: _Slot,
+        key: str,
+        view: np.ndarray,
+        *,
+        kind: ChecksumKind,
+        overwrite: bool,
+        attrs: dict[str, Any] | None,
+        deadline: float,
+    ) -> bool:
+        """Put through a started put: write, then commit naming the key. False when the slot
+        is lost (expired, the master restarted, its node died; the caller then starts over);
+        raises the put's own errors (AlreadyExists, a bad key or attrs)."""
+        targets = [
+            self._direct_target(view, str(seg), int(off)) for _n, seg, off, _t in slot.replicas
+        ]
+        digest: int | None = None
+        written: list[int] | StoreError = []
+        if all(target is not None for target in targets):
+            for target in targets:
+                if target is None:
+                    continue
+                if digest is None and kind is ChecksumKind.KVH_64:
+                    digest = copy_host_hashed(target, view, stream=True)
+                else:
+                    copy_host(target, view, stream=True)
+        else:
+            written = self._write_all([(key, view, slot.replicas)], deadline)[0]
+            if isinstance(written, StoreError):
+                self._abort_slots([slot])
+                return False
+        commit: dict[str, Any] = {
+            "put_id": slot.put_id,
+            "checksum": checksum(view.data, kind) if digest is None else digest,
+            "checksum_kind": str(kind),
+            "key": key,
+            "overwrite": overwrite,
+        }
+        if attrs:
+            commit["attrs"] = attrs
+        if written:
+            commit["failed"] = written
+        item = self._commit(commit, slot.size, deadline)  # a slot's size repeats by definition
+        if "error" not in item:
+            return True
+        error = error_from_wire(item["error"])
+        if isinstance(error, AlreadyExists | InvalidKey | InvalidArgument):
+            raise error
+        return False
+
+    def _commit(self, commit: dict[str, Any], ahead: int, deadline: float) -> dict[str, Any]:
+        """Send one PUT_COMMIT (starting the next put of ``ahead`` bytes with it when this
+        client holds fewer than _MAX_SLOTS); returns the commit's item."""
+        data: dict[str, Any] = {"items": [commit]}
+        if ahead and len(self._slots) < _MAX_SLOTS:
+            data["next"] = {"size": ahead, "anonymous": True}
+        sent = time.monotonic()
+        reply = self._master.call(Op.PUT_COMMIT, data, timeout_s=self._left(deadline, "put"))
+        started = reply.get("next", {}).get("ok")
+        if started:
+            age = min(float(started["expires_s"]) / 2, _SLOT_MAX_AGE_S)
+            slot = _Slot(ahead, str(started["put_id"]), started["replicas"], sent + age)
+            with self._slots_lock:
+                self._slots.append(slot)
+        return reply["items"][0]
+
+    def _take_slot(self, size: int) -> _Slot | None:
+        """A fresh started put of ``size`` bytes, if this client holds one (stale ones are
+        dropped: the master frees them)."""
+        now = time.monotonic()
+        with self._slots_lock:
+            if not self._slots:
+                return None
+            fresh = [s for s in self._slots if s.use_by > now]
+            slot = next((s for s in fresh if s.size == size), None)
+            self._slots = [s for s in fresh if s is not slot]
+        return slot
+
+    def _abort_slots(self, slots: list[_Slot]) -> None:
+        """Give started puts back (best effort: the master frees them at put_timeout_s anyway)."""
+        if not slots:
+            return
+        with contextlib.suppress(StoreError):
+            self._master.call(
+                Op.PUT_ABORT,
+                {"items": [{"put_id": s.put_id} for s in slots]},
+                timeout_s=self.config.timeout_s,
+            )
 
     def get_tensor(self, key: str) -> Any:
         """A new tensor (or array) with the dtype and shape it was stored with."""

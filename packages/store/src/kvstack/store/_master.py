@@ -65,6 +65,9 @@ _ROOM_ATTEMPTS = 4
 # Longest single wait for a read lease to end (so a put fails with NoSpace within ~8 s).
 _LEASE_WAIT_S = 2.0
 # Shared read-only defaults of a PUT_START item (never stored or mutated).
+# A put started ahead (anonymous, see _put_start_one) and not committed within this long is
+# freed: its client uses it within half a second or drops it.
+_ANONYMOUS_PUT_S = 2.0
 _NO_OPTIONS: dict[str, Any] = {}
 _NO_ATTRS: dict[str, Any] = {}
 
@@ -72,6 +75,14 @@ _NO_ATTRS: dict[str, Any] = {}
 class Tier(StrEnum):
     MEMORY = "memory"
     DISK = "disk"
+
+
+def _checked_attrs(key: str, attrs: object) -> dict[str, Any]:
+    if type(attrs) is not dict or (attrs and len(encode(attrs)) > MAX_ATTRS_BYTES):
+        raise InvalidArgument(
+            f"attrs of key {key!r} must be a JSON object of at most {MAX_ATTRS_BYTES} bytes"
+        )
+    return attrs
 
 
 def check_key(key: object) -> str:
@@ -659,7 +670,10 @@ class Master:
     def _put_start_one(self, item: dict[str, Any]) -> dict[str, Any]:
         # The costliest step of a put (issue 4): options absent from the request take their
         # defaults without a check, and nothing here is O(nodes) or O(objects) (see _capacity).
-        key = check_key(item.get("key"))
+        # An anonymous start ("anonymous": true, no key) allocates for a client's next put:
+        # its commit names the key, overwrite and attrs (see _put_commit).
+        anonymous = item.get("anonymous") is True
+        key = "" if anonymous else check_key(item.get("key"))
         size = item.get("size")
         if type(size) is not int or size < 0:
             raise InvalidArgument(f"size of key {key!r} must be an int >= 0, got {size!r}")
@@ -680,15 +694,14 @@ class Master:
         if preferred is not None and not isinstance(preferred, str):
             raise InvalidArgument(f"preferred_node of key {key!r} must be a str or null")
         overwrite = bool(options.get("overwrite"))
-        attrs = item.get("attrs") or _NO_ATTRS
-        if type(attrs) is not dict or (attrs and len(encode(attrs)) > MAX_ATTRS_BYTES):
-            raise InvalidArgument(
-                f"attrs of key {key!r} must be a JSON object of at most {MAX_ATTRS_BYTES} bytes"
-            )
-        if not overwrite and key in self._entries:
+        attrs = _checked_attrs(key, item.get("attrs") or _NO_ATTRS)
+        if not anonymous and not overwrite and key in self._entries:
             raise AlreadyExists(key)
         replicas = self._allocate(key, size, want, preferred) if size else []
         put_id = f"{self._put_prefix}{next(self._put_ids)}"
+        timeout_s = self.config.put_timeout_s
+        if anonymous:
+            timeout_s = min(timeout_s, _ANONYMOUS_PUT_S)
         self._pending[put_id] = Pending(
             put_id,
             key,
@@ -699,18 +712,34 @@ class Master:
             bool(options.get("hard_pin")),
             (time.time() + min(soft_pin_s, self.config.max_soft_pin_s) if soft_pin_s else 0.0),
             attrs if attrs is not _NO_ATTRS else {},
-            time.monotonic() + self.config.put_timeout_s,
+            time.monotonic() + timeout_s,
         )
-        return {"put_id": put_id, "replicas": [r.to_wire() for r in replicas]}
+        started: dict[str, Any] = {"put_id": put_id, "replicas": [r.to_wire() for r in replicas]}
+        if anonymous:  # the client must use it well before the reaper frees it
+            started["expires_s"] = timeout_s
+        return started
 
     def _put_commit(self, data: dict[str, Any]) -> dict[str, Any]:
-        return self._per_item(self._items(data), self._put_commit_one)
+        """Commit each item; with "next" (a PUT_START item), also start the sender's next put
+        in the same round trip: one round trip a put for a client that keeps one started."""
+        reply = self._per_item(self._items(data), self._put_commit_one)
+        if "next" in data:
+            reply["next"] = self._per_item([data["next"]], self._put_start_one)["items"][0]
+        return reply
 
     def _put_commit_one(self, item: dict[str, Any]) -> dict[str, Any]:
         put_id = item.get("put_id")
         pending = self._pending.pop(put_id, None) if isinstance(put_id, str) else None
         if pending is None:
             raise StoreError(f"put {put_id!r} is unknown: it expired or the master restarted")
+        if not pending.key:  # an anonymous start: the commit names the object
+            try:
+                key = check_key(item.get("key"))
+                pending.attrs = dict(_checked_attrs(key, item.get("attrs") or _NO_ATTRS))
+            except StoreError:
+                self._free_all(pending.replicas, pending.size)
+                raise
+            pending.key, pending.overwrite = key, bool(item.get("overwrite"))
         checksum = item.get("checksum")
         if not isinstance(checksum, int):
             self._free_all(pending.replicas, pending.size)
@@ -1293,7 +1322,8 @@ class Master:
                 if pending.deadline < now:
                     del self._pending[put_id]
                     self._free_all(pending.replicas, pending.size)
-                    logger.warning("put %s of key %r expired uncommitted", put_id, pending.key)
+                    if pending.key:  # a put started ahead and not needed is no news
+                        logger.warning("put %s of key %r expired uncommitted", put_id, pending.key)
             if self._deferred:
                 due = [d for d in self._deferred if d[0] <= now]
                 self._deferred = [d for d in self._deferred if d[0] > now]
