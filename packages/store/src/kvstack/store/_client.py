@@ -994,41 +994,37 @@ class StoreClient:
         raise ReplicaUnavailable(loc.key, reasons=reasons)
 
     def _locate(self, keys: Sequence[str], deadline: float) -> list[_Located | StoreError]:
-        out: list[_Located | StoreError] = []
+        out: list[_Located | StoreError | None] = [None] * len(keys)
         valid: list[int] = []
         for i, key in enumerate(keys):
             try:
                 check_key(key)
                 valid.append(i)
-                out.append(StoreError("unresolved"))
             except StoreError as exc:
-                out.append(exc)
+                out[i] = exc
         if valid:
             reply = self._master.call_retrying(
                 Op.GET,
                 {"items": [{"key": keys[i]} for i in valid]},
                 timeout_s=self._left(deadline, "get"),
             )
+            located = self._located
             for i, item in zip(valid, reply["items"], strict=True):
-                if "error" in item:
-                    out[i] = error_from_wire(item["error"])
-                    continue
-                out[i] = self._located(keys[i], item["ok"])
-        return out
+                ok = item.get("ok")
+                out[i] = error_from_wire(item["error"]) if ok is None else located(keys[i], ok)
+        return [StoreError("internal: an item was not located") if o is None else o for o in out]
 
     @staticmethod
     def _located(key: str, ok: dict[str, Any]) -> _Located:
+        # The master's reply (protocol 3): types as sent, so no conversions per field.
+        kind = ok.get("checksum_kind")
         return _Located(
-            key=key,
-            size=int(ok["size"]),
-            checksum=int(ok["checksum"]),
-            attrs=dict(ok.get("attrs") or {}),
-            replicas=[(str(n), str(s), int(o)) for n, s, o in ok["replicas"]],
-            checksum_kind=(
-                parse_kind(ok["checksum_kind"], what=f"key {key!r}")
-                if "checksum_kind" in ok
-                else DEFAULT_KIND
-            ),
+            key,
+            ok["size"],
+            ok["checksum"],
+            ok["attrs"],
+            [(n, s, o) for n, s, o in ok["replicas"]],
+            DEFAULT_KIND if kind is None else parse_kind(kind, what=f"key {key!r}"),
         )
 
     def _get_many(
