@@ -3,6 +3,7 @@ its last commit, so each put is one round trip. Real master and node processes."
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -184,3 +185,36 @@ def test_next_with_a_bad_start_does_not_undo_the_commit(client: StoreClient) -> 
     assert isinstance(bad, StoreError)
     assert "size" in str(bad)
     assert client.exists("next/bad")
+
+
+def test_threads_sharing_a_client_and_its_started_puts(make_cluster: Cluster) -> None:
+    # Same-size puts from 8 threads through one client: slots are taken by one thread each,
+    # every value reads back, and nothing stays allocated beyond the objects.
+    make_cluster.start_master("--lease", "0.5")
+    make_cluster.start_node("t0", "64MiB")
+    make_cluster.start_node("t1", "64MiB")
+    client = make_cluster.client()
+    size, per_thread = 16384, 150
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        rng = np.random.default_rng(n)
+        try:
+            for i in range(per_thread):
+                value = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+                client.put(f"t/{n}/{i}", value)
+                if client.get(f"t/{n}/{i}") != value:
+                    errors.append(AssertionError(f"t/{n}/{i} read back different bytes"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors[:3]
+    stats = _settled(client, pending=0)
+    assert stats["objects"] == 8 * per_thread
+    assert stats["pending_puts"] == 0
+    assert stats["used_bytes"] == 8 * per_thread * size  # 16 KiB is 64-byte aligned
