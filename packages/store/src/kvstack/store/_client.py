@@ -601,7 +601,7 @@ class StoreClient:
         return slot
 
     def _abort_slots(self, slots: list[_Slot]) -> None:
-        """Give started puts back (best effort: the master frees them at put_timeout_s anyway)."""
+        """Give started puts back (best effort: the master frees unused ones within 2 s anyway)."""
         if not slots:
             return
         with contextlib.suppress(StoreError):
