@@ -115,9 +115,9 @@ def test_zero_copy_batch_into_one_preallocated_buffer(client: StoreClient) -> No
 
 
 def test_one_batch_get_into_mixes_outcomes_and_fails_over(client: StoreClient) -> None:
-    # One engine batch carries every item; each keeps its own outcome. Eight 1 MiB values take
-    # the grouped, verified path (>= 4 MiB in all); "mix/bad" has a corrupted first replica,
-    # which must fail its checksum and be read from the second one.
+    # One batch carries every item; each keeps its own outcome. The same-host items are copied
+    # and hashed in one native pass; "mix/bad" has a corrupted first replica, which must fail
+    # its checksum and be read from the second one.
     big = {f"mix/{i}": _value(300 + i, MiB) for i in range(8)}
     client.put_batch(big).raise_for_errors()
     client.put("mix/empty", b"")
