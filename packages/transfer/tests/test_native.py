@@ -174,6 +174,115 @@ def test_copies_from_many_threads_at_once(copier: NativeCopier) -> None:
         np.testing.assert_array_equal(dst, expected)
 
 
+@pytest.mark.parametrize("reading", [False, True], ids=["write", "read"])
+@pytest.mark.parametrize("scalar_length", [False, True], ids=["lengths", "one-length"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_pages_checks_then_copies(
+    copier: NativeCopier, *, reading: bool, scalar_length: bool, threads: int
+) -> None:
+    rng = np.random.default_rng(20 + threads)
+    local = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+    remote = rng.integers(0, 256, 3 * MiB, dtype=np.uint8)
+    count, slot = 96, 16 * KiB
+    local_offsets = rng.choice(local.size // slot, count, replace=False) * slot + 3
+    remote_offsets = rng.choice(remote.size // slot, count, replace=False) * slot + 5
+    lengths: np.ndarray | int = 4097 if scalar_length else rng.integers(0, slot - 8, count)
+    each = np.broadcast_to(np.asarray(lengths, dtype=np.int64), (count,))
+    if reading:
+        expected_local = _reference(local, remote, local_offsets, remote_offsets, each)
+        expected_remote = remote.copy()
+    else:
+        expected_local = local.copy()
+        expected_remote = _reference(remote, local, remote_offsets, local_offsets, each)
+    table = np.zeros((3, count), dtype=np.int64)
+    copied = copier.copy_pages(
+        local_offsets,
+        remote_offsets,
+        lengths,
+        table=table,
+        local=(local.ctypes.data, local.size),
+        remote=(remote.ctypes.data, remote.size),
+        reading=reading,
+        threads=threads,
+        bytes_per_thread=64 * KiB,
+    )
+    assert copied == int(each.sum())
+    np.testing.assert_array_equal(local, expected_local)
+    np.testing.assert_array_equal(remote, expected_remote)
+    np.testing.assert_array_equal(table, np.stack([local_offsets, remote_offsets, each]))
+
+
+@pytest.mark.parametrize(
+    ("column", "index", "value"),
+    [
+        ("local", 5, -1),
+        ("remote", 0, -3),
+        ("lengths", 9, -1),
+        ("local", 7, 1 * MiB - 99),  # ends 1 byte past the local segment
+        ("remote", 63, 2 * MiB - 99),  # ... the remote one
+        ("lengths", 2, 2**62),  # offset + length would overflow a naive check
+    ],
+)
+def test_copy_pages_names_the_first_bad_request_and_copies_nothing(
+    copier: NativeCopier, column: str, index: int, value: int
+) -> None:
+    rng = np.random.default_rng(30)
+    local = rng.integers(0, 256, 1 * MiB, dtype=np.uint8)
+    remote = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+    columns = {
+        "local": np.arange(64, dtype=np.int64) * 1024,
+        "remote": np.arange(64, dtype=np.int64) * 2048,
+        "lengths": np.full(64, 100, dtype=np.int64),
+    }
+    columns[column][index] = value
+    columns[column][index + 1 :] = -1  # a later bad request must not be the one named
+    before_local, before_remote = local.copy(), remote.copy()
+    copied = copier.copy_pages(
+        columns["local"],
+        columns["remote"],
+        columns["lengths"],
+        table=None,
+        local=(local.ctypes.data, local.size),
+        remote=(remote.ctypes.data, remote.size),
+        reading=False,
+        threads=2,
+        bytes_per_thread=1024,
+    )
+    assert copied == -1 - index
+    np.testing.assert_array_equal(local, before_local)
+    np.testing.assert_array_equal(remote, before_remote)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["int32-column", "strided-column", "short-column", "short-table", "int32-table"],
+)
+def test_copy_pages_refuses_columns_it_cannot_read(copier: NativeCopier, bad: str) -> None:
+    buffer = np.zeros(64 * KiB, dtype=np.uint8)
+    offsets = np.arange(8, dtype=np.int64) * 4096
+    columns = {
+        "int32-column": (offsets.astype(np.int32), offsets, None),
+        "strided-column": (np.repeat(offsets, 2)[::2], offsets, None),
+        "short-column": (offsets[:7], offsets, None),
+        "short-table": (offsets, offsets, np.zeros((3, 7), dtype=np.int64)),
+        "int32-table": (offsets, offsets, np.zeros((3, 8), dtype=np.int32)),
+    }
+    local_offsets, remote_offsets, table = columns[bad]
+    with pytest.raises(ValueError, match="contiguous int64s"):
+        copier.copy_pages(
+            local_offsets,
+            remote_offsets,
+            100,
+            table=table,
+            local=(buffer.ctypes.data, buffer.size),
+            remote=(buffer.ctypes.data, buffer.size),
+            reading=False,
+            threads=1,
+            bytes_per_thread=1024,
+        )
+    assert not buffer.any()
+
+
 def test_unequal_arrays_are_refused(copier: NativeCopier) -> None:
     one = np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="unequal"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from kvstack.transfer import (
     AsyncEngine,
@@ -153,6 +154,71 @@ def test_caller_may_reuse_its_arrays_at_once(
     expected = random_bytes(PEER_SEED, SEG_BYTES)
     expected[: 64 * SLOT] = local[: 64 * SLOT]
     assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
+
+
+def _shm_sample(name: str, engine: Engine, peer: PeerProcess) -> float:
+    labels = {"transport": "shm", "peer": peer.address, "op": "write"}
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["submit", "transfer"])
+def test_int64_columns_and_other_columns_give_the_same_batch(
+    copy_path: str,
+    engine: Engine,
+    peer: PeerProcess,
+    blocking: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # int64 arrays take one native call over shm (with the native library); int32 ones the
+    # general path. Same bytes, same requests, metrics counted once either way.
+    local = engine.allocate("local", SEG_BYTES)
+    local_offsets, remote_offsets, lengths = _scattered(12, 100)
+    total = int(lengths.sum())
+    remote = random_bytes(PEER_SEED, SEG_BYTES)  # what the peer's segment holds
+    requests = []
+    native_copies: list[int | None] = []
+    copy_page_columns = engine._shm.copy_page_columns
+
+    def spy(*args: Any, **kwargs: Any) -> int | None:
+        native_copies.append(copy_page_columns(*args, **kwargs))
+        return native_copies[-1]
+
+    monkeypatch.setattr(engine._shm, "copy_page_columns", spy)
+    for round_, dtype in enumerate((np.int64, np.int32)):
+        local[:] = random_bytes(11 + round_, SEG_BYTES)  # new bytes each round
+        bytes_before = _shm_sample("kvstack_transfer_bytes_total", engine, peer)
+        requests_before = _shm_sample("kvstack_transfer_requests_total", engine, peer)
+        call: dict[str, Any] = {
+            "local_offsets": local_offsets.astype(dtype),
+            "remote_offsets": remote_offsets.astype(dtype),
+            "lengths": lengths.astype(dtype),
+            "transport": "shm",
+        }
+        if blocking:
+            engine.transfer_pages(Op.WRITE, "local", "kv", **call)
+        else:
+            batch = engine.submit_pages(Op.WRITE, "local", "kv", **call)
+            assert batch.poll()  # shm batches finish inside submit
+            batch.raise_for_errors()
+            assert len(batch) == 100
+            requests.append(batch.requests)
+        sent = _shm_sample("kvstack_transfer_bytes_total", engine, peer) - bytes_before
+        counted = _shm_sample("kvstack_transfer_requests_total", engine, peer) - requests_before
+        assert (sent, counted) == (total, 100)
+        remote = _expected(remote, local, remote_offsets, local_offsets, lengths)
+        assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
+    # Only the int64 round went native, and only with the library there.
+    assert native_copies == ([total] if copy_path == "native" else [None])
+    if not blocking:
+        assert requests[0] == requests[1]
+        assert requests[0][7] == TransferRequest(
+            Op.WRITE,
+            "local",
+            int(local_offsets[7]),
+            "kv",
+            int(remote_offsets[7]),
+            int(lengths[7]),
+        )
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -340,9 +406,30 @@ BAD_INPUTS = [
 ]
 
 
+def _int64_arrays(call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` with its lists of int64 values as int64 arrays: the columns that take the
+    native shm path, which checks and copies in one call and hands bad batches back."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, list) and all(type(v) is int and -(2**63) <= v < 2**63 for v in value):
+            return np.array(value, dtype=np.int64)
+        return value
+
+    return {name: convert(value) for name, value in call.items()}
+
+
+@pytest.mark.parametrize("columns", ["lists", "int64-arrays"])
+@pytest.mark.parametrize("blocking", [False, True], ids=["submit", "transfer"])
 @pytest.mark.parametrize(("change", "error", "match"), BAD_INPUTS)
 def test_bad_inputs_raise_typed_errors_before_any_byte_moves(
-    engine: Engine, peer: PeerProcess, change: dict[str, Any], error: type[Exception], match: str
+    engine: Engine,
+    peer: PeerProcess,
+    *,
+    change: dict[str, Any],
+    error: type[Exception],
+    match: str,
+    blocking: bool,
+    columns: str,
 ) -> None:
     local = engine.allocate("local", SEG_BYTES)
     local[:] = 0xAB
@@ -355,8 +442,10 @@ def test_bad_inputs_raise_typed_errors_before_any_byte_moves(
         "remote_offsets": [0, SLOT, 2 * SLOT, 3 * SLOT],
         "lengths": 4096,
     } | change
+    if columns == "int64-arrays":
+        call = _int64_arrays(call)
     with pytest.raises(error, match=match):
-        engine.submit_pages(**call)
+        (engine.transfer_pages if blocking else engine.submit_pages)(**call)
     # Request 0 was good: it must not have moved either.
     assert peer.command(f"hash kv 0 {SLOT}") == _sha(random_bytes(PEER_SEED, SLOT))
 

@@ -403,6 +403,12 @@ def _native_threads(total_bytes: int) -> int:
     return max(1, min(_NATIVE_THREADS, total_bytes // _BYTES_PER_THREAD))
 
 
+def native_thread_policy() -> tuple[int, int]:
+    """(most threads, bytes per thread) of a native copy, for callers whose totals the native
+    side computes itself (NativeCopier.copy_pages)."""
+    return _NATIVE_THREADS, _BYTES_PER_THREAD
+
+
 # Without the native copier (no C compiler, KVSTACK_TRANSFER_NATIVE_COPY=0): one memcpy thread
 # cannot saturate memory bandwidth, so big host copies are cut into chunks that the caller and
 # named worker threads take in turn (ctypes.memmove drops the GIL). Taking chunks dynamically,

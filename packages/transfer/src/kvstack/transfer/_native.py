@@ -76,6 +76,9 @@ class NativeCopier:
         self._hash_copy = library.kvstack_hash_copy
         self._hash_copy.argtypes = (i64, i64, i64, c_int, c_int)
         self._hash_copy.restype = ctypes.c_uint64
+        self._pages = library.kvstack_copy_pages
+        self._pages.argtypes = (vp, vp, vp, i64, i64, vp, i64, i64, i64, i64, c_int, c_int, i64)
+        self._pages.restype = i64
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
@@ -98,6 +101,65 @@ class NativeCopier:
         return int(
             self._copy(
                 dsts.ctypes.data, srcs.ctypes.data, lengths.ctypes.data, n, threads, int(stream)
+            )
+        )
+
+    def copy_pages(
+        self,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+        *,
+        table: np.ndarray | None,
+        local: tuple[int, int],
+        remote: tuple[int, int],
+        reading: bool,
+        threads: int,
+        bytes_per_thread: int,
+    ) -> int:
+        """Check, then copy, a page batch given as columns of offsets into two segments
+        (``local``/``remote``: base address and size): request i moves ``lengths[i]`` bytes
+        (``lengths`` bytes each, if an int) from local to remote (remote to local if
+        ``reading``). The columns must be C-contiguous int64 arrays of one length; ``table``
+        (int64 [3, n], or None) receives a copy of them.
+
+        Returns the bytes copied, or ``-1 - i`` when request i has a negative value or a range
+        outside either segment: then nothing was copied.
+        """
+        # The C side reads n int64s from each column and writes 3n into the table: refuse
+        # anything else (attribute checks only; this runs per KV handoff).
+        columns = (
+            (local_offsets, remote_offsets)
+            if isinstance(lengths, int)
+            else (local_offsets, remote_offsets, lengths)
+        )
+        n = len(local_offsets)
+        for column in columns:
+            if not _int64_run(column, n):
+                raise ValueError(f"page columns must be {n} contiguous int64s each")
+        if table is not None and not (
+            table.dtype == np.int64 and table.size == 3 * n and table.flags.c_contiguous
+        ):
+            raise ValueError(f"the table must be 3 x {n} contiguous int64s")
+        if isinstance(lengths, int):
+            lengths_address, length = None, lengths
+        else:
+            lengths_address, length = lengths.ctypes.data, 0
+        return int(
+            self._pages(
+                local_offsets.ctypes.data,
+                remote_offsets.ctypes.data,
+                lengths_address,
+                length,
+                n,
+                None if table is None else table.ctypes.data,
+                local[0],
+                local[1],
+                remote[0],
+                remote[1],
+                int(reading),
+                threads,
+                bytes_per_thread,
             )
         )
 
@@ -179,6 +241,12 @@ class NativeCopier:
         if status == 1:
             raise EOFError(f"connection closed after {done.value} bytes")
         return _finished(status)
+
+
+def _int64_run(array: np.ndarray, n: int) -> bool:
+    return (
+        array.dtype == np.int64 and array.ndim == 1 and array.flags.c_contiguous and len(array) == n
+    )
 
 
 def _same_length(*arrays: np.ndarray) -> int:

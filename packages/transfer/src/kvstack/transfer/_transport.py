@@ -9,7 +9,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from kvstack.transfer import _memory
+import numpy as np
+
+from kvstack.transfer import _memory, _native
 from kvstack.transfer._batch import Pages, Work
 from kvstack.transfer._memory import (
     SHM_DIR,
@@ -209,6 +211,43 @@ class ShmTransport:
             _memory.memcpy_ranges(local_addresses, remote_addresses, pages.lengths)
         else:
             _memory.memcpy_ranges(remote_addresses, local_addresses, pages.lengths)
+
+    def copy_page_columns(
+        self,
+        info: SegmentInfo,
+        local: LocalSegment,
+        *,
+        reading: bool,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+        table: np.ndarray | None,
+    ) -> int | None:
+        """Engine.submit_pages over shm in one native call that checks every request, then
+        copies (see NativeCopier.copy_pages): the bytes copied, or None when nothing was
+        copied (no native library, the owner gone or unmappable, a bad request) and the
+        batch must take the general path, which says what went wrong.
+        """
+        copier = _native.load()
+        if copier is None or not is_alive(info.pid):
+            return None
+        try:
+            region = self.region(info)
+        except TransferError:
+            return None
+        threads, bytes_per_thread = _memory.native_thread_policy()
+        copied = copier.copy_pages(
+            local_offsets,
+            remote_offsets,
+            lengths,
+            table=table,
+            local=(local.address, local.size_bytes),
+            remote=(region.address, info.size_bytes),
+            reading=reading,
+            threads=threads,
+            bytes_per_thread=bytes_per_thread,
+        )
+        return copied if copied >= 0 else None
 
     def copy_ranges(
         self,
