@@ -160,6 +160,9 @@ def _latencies(fn: Callable[[int], None], n: int, threads: int) -> tuple[list[fl
             lat.append(time.perf_counter() - start)
 
     start = time.perf_counter()
+    if threads == 1:  # on this thread: a thread's start and join are not the op's time
+        run(0)
+        return out[0], time.perf_counter() - start
     workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
@@ -169,13 +172,19 @@ def _latencies(fn: Callable[[int], None], n: int, threads: int) -> tuple[list[fl
 
 
 def _race(
-    ours: Callable[[int], None], base: Callable[[int], None], n: int, threads: int
+    ours: Callable[[int], None],
+    base: Callable[[int], None],
+    n: int,
+    threads: int,
+    *,
+    round_ops: int = ROUND,
 ) -> tuple[tuple[list[float], float], tuple[list[float], float]]:
-    """Interleave rounds of ROUND ops per thread; returns (latencies, wall) for each side."""
+    """Interleave rounds of ``round_ops`` ops per thread; returns (latencies, wall) for each
+    side."""
     results: list[tuple[list[float], float]] = [([], 0.0), ([], 0.0)]
     done = 0
     while done < n:
-        k = min(ROUND, n - done)
+        k = min(round_ops, n - done)
         for side, fn in enumerate((ours, base)):
             offset = done * threads
 
@@ -187,6 +196,15 @@ def _race(
             results[side] = (results[side][0], results[side][1] + wall)
         done += k
     return results[0], results[1]
+
+
+def _spread(prefix: str, seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and max of per-op ``seconds``, in microseconds, named with ``prefix``."""
+    return {
+        f"{prefix}p50_us": round(_pct(seconds, 50) * 1e6, 1),
+        f"{prefix}p99_us": round(_pct(seconds, 99) * 1e6, 1),
+        f"{prefix}max_us": round(max(seconds) * 1e6, 1),
+    }
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -389,7 +407,7 @@ def run_bench(
             for op in ("put", "get"):
                 say(f"1 MiB {op} x {sizes.big_ops}")
                 ours, base = _big_ops(client, red, op, big)
-                (_, ow), (_, bw) = _race(ours, base, sizes.big_ops, 1)
+                (ol, ow), (bl, bw) = _race(ours, base, sizes.big_ops, 1)
                 results.append(
                     _result(
                         f"1 MiB {op}",
@@ -400,7 +418,12 @@ def run_bench(
                         base_value=sizes.big_ops * MiB / bw / 1e9,
                         higher_is_better=True,
                         target=3.0,
-                        params={"value_bytes": MiB},
+                        params={
+                            "value_bytes": MiB,
+                            # Informational: a few slow ops move a throughput of 200 ops.
+                            **_spread("", ol),
+                            **_spread("baseline_", bl),
+                        },
                     )
                 )
 
@@ -439,7 +462,11 @@ def run_bench(
                         def engine_batch(_: int) -> None:
                             engine.transfer(requests)
 
-                        (_, ow), (_, bw) = _race(ours_batch, engine_batch, sizes.batch_reps, 1)
+                        ours_batch(0)  # warm: the reader's connections and mappings
+                        # Batch by batch: with 20 reps, rounds of ROUND would not interleave.
+                        (_, ow), (_, bw) = _race(
+                            ours_batch, engine_batch, sizes.batch_reps, 1, round_ops=1
+                        )
                         results.append(
                             _result(
                                 name,

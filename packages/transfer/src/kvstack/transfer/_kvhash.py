@@ -22,9 +22,9 @@ from kvstack.transfer import _native
 from kvstack.transfer._memory import (
     SHARED_COPY_BYTES,
     _check_host_pair,
-    _native_threads,
     copy_host,
     copy_host_many,
+    hash_threads,
 )
 from kvstack.transfer.errors import InvalidRequest
 
@@ -123,7 +123,7 @@ def native_hashing() -> bool:
 
 
 def _threads(length: int) -> int:
-    return _native_threads(length) if length >= SHARED_COPY_BYTES else 1
+    return hash_threads(length) if length >= SHARED_COPY_BYTES else 1
 
 
 def kvhash64(data: object) -> int:
@@ -145,7 +145,7 @@ def kvhash64_many(arrays: Sequence[object]) -> list[int]:
         return [kvhash64_reference(r) for r in raws]
     srcs, lengths = _ranges(raws)
     return copier.hash_ranges(
-        None, srcs, lengths, threads=_native_threads(int(lengths.sum()))
+        None, srcs, lengths, threads=hash_threads(int(lengths.sum()))
     ).tolist()
 
 
@@ -205,7 +205,7 @@ def copy_host_many_hashed(
         dst_addresses,
         src_addresses,
         lengths,
-        threads=_native_threads(int(lengths.sum())),
+        threads=hash_threads(int(lengths.sum())),
         stream=stream,
     ).tolist()
 
