@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kvstack.store import MasterConfig, NoSpace, PutOptions, StoreClient
+from kvstack.store._wire import Op
 
 KiB = 1 << 10
 OBJECT = 64 * KiB
@@ -25,11 +28,18 @@ def _config() -> MasterConfig:
     return MasterConfig(lease_s=300.0, high_watermark=0.9, low_watermark=0.6)
 
 
+def _locate(client: StoreClient, key: str) -> dict[str, Any]:
+    """A GET as a reader that has located ``key`` and is still copying: a read lease that
+    nothing releases (a finished get releases its own with the client's next request)."""
+    reply = client._master.call(Op.GET, {"items": [{"key": key}]}, timeout_s=5.0)
+    return reply["items"][0]["ok"]
+
+
 def test_eviction_never_touches_leased_or_pinned_objects() -> None:
     with StoreClient.embedded(MEMORY, master_config=_config()) as client:
         client.put("pinned", _value(10_001), options=PutOptions(hard_pin=True))
         client.put("leased", _value(10_002))
-        assert client.get("leased") == _value(10_002)  # takes a read lease
+        _locate(client, "leased")  # a reader mid-copy holds a read lease
         client.put("soft", _value(10_003), options=PutOptions(soft_pin=True))
         for i in range(PUTS):
             client.put(f"fill/{i}", _value(i))
@@ -71,3 +81,57 @@ def test_disk_tier_demotes_instead_of_dropping_and_promotes_on_read(tmp_path: Pa
             assert client.get(f"d/{i}") == _value(i)  # promoted back where needed
         client.remove("d/0")
         assert not client.exists("d/0")
+
+
+def test_finished_reads_end_their_leases_so_overwrites_free_at_once() -> None:
+    # Overwrite keys right after reading them, far faster than the 300 s leases end: each
+    # get's lease is released with the client's next request, so the old versions are freed
+    # by the overwrite itself, and eviction never has to drop a live object.
+    with StoreClient.embedded(MEMORY, master_config=_config()) as client:
+        for i in range(8):
+            client.put(f"hot/{i}", _value(i))
+        for round_ in range(40):  # 320 overwrites of 64 KiB into 4 MiB
+            for i in range(8):
+                assert client.get(f"hot/{i}") == _value(8 * round_ + i)
+                client.put(f"hot/{i}", _value(8 * (round_ + 1) + i), overwrite=True)
+        stats = client.stats()
+        assert stats["deferred_frees"] == 0  # each overwrite freed the old version at once
+        assert stats["objects"] == 8  # eviction dropped nothing
+        for i in range(8):
+            assert client.get(f"hot/{i}") == _value(8 * 40 + i)
+
+
+def test_a_reader_mid_copy_keeps_the_old_version_until_it_is_done() -> None:
+    with StoreClient.embedded(MEMORY, master_config=_config()) as client:
+        client.put("k", _value(1))
+        first = _locate(client, "k")  # two readers of version 1, both still copying
+        second = _locate(client, "k")
+        assert first["lease"] == second["lease"]
+        client.put("k", _value(2), overwrite=True)
+        assert client.stats()["deferred_frees"] == 1  # version 1 waits for its readers
+        client._master.release([first["lease"]])
+        assert client.get("k") == _value(2)  # carries the release: one reader is left
+        assert client.stats()["deferred_frees"] == 1
+        client._master.release([second["lease"], second["lease"]])  # a repeat is ignored
+        client.exists("k")
+        assert client.stats()["deferred_frees"] == 0  # the last reader is done: freed
+        # The freed space is reusable, and a released lease id never ends a later lease.
+        client.put("k", _value(3), overwrite=True)
+        third = _locate(client, "k")
+        client._master.release([first["lease"]])
+        client.put("k", _value(4), overwrite=True)
+        assert client.stats()["deferred_frees"] == 1  # third's reader still holds version 3
+        assert third["lease"] != first["lease"]
+
+
+def test_a_late_release_never_ends_the_next_lease() -> None:
+    config = MasterConfig(lease_s=0.2, high_watermark=0.9, low_watermark=0.6)
+    with StoreClient.embedded(MEMORY, master_config=config) as client:
+        client.put("k", _value(1))
+        slow = _locate(client, "k")
+        time.sleep(0.3)  # the slow reader's lease ended by time
+        reader = _locate(client, "k")  # a new lease, under a new id
+        assert reader["lease"] != slow["lease"]
+        client._master.release([slow["lease"]])  # the slow reader is done, late
+        client.put("k", _value(2), overwrite=True)
+        assert client.stats()["deferred_frees"] == 1  # the new reader still holds version 1

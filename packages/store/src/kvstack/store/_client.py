@@ -112,6 +112,7 @@ class _Located:
     attrs: dict[str, Any]
     replicas: list[tuple[str, str, int]]  # (node, segment, offset)
     checksum_kind: ChecksumKind = DEFAULT_KIND
+    lease: int = 0  # the read lease's id, released once this client stops reading (0: none)
 
     def verifies(self, data: memoryview | bytes) -> bool:
         """Whether ``data`` (the object's bytes) matches the committed checksum."""
@@ -267,15 +268,16 @@ class StoreClient:
                 raise error
         else:
             loc = self._located(key, item["ok"])
-            data = self._read_direct(loc)
-            if data is not None:
-                return data
-            buf = bytearray(loc.size)
             try:
-                self._read(loc, np.frombuffer(buf, dtype=np.uint8), deadline)
-                return bytes(buf)
-            except ReplicaUnavailable:
-                pass
+                data = self._read_direct(loc)
+                if data is not None:
+                    return data
+                buf = bytearray(loc.size)
+                with contextlib.suppress(ReplicaUnavailable):
+                    self._read(loc, np.frombuffer(buf, dtype=np.uint8), deadline)
+                    return bytes(buf)
+            finally:
+                self._release([loc])
         return self.get_batch([key])[0].unwrap()
 
     def get_into(self, key: str, buffer: Value) -> int:
@@ -1025,6 +1027,7 @@ class StoreClient:
             ok["attrs"],
             [(n, s, o) for n, s, o in ok["replicas"]],
             DEFAULT_KIND if kind is None else parse_kind(kind, what=f"key {key!r}"),
+            ok.get("lease", 0),
         )
 
     def _get_many(
@@ -1039,6 +1042,34 @@ class StoreClient:
         deadline = time.monotonic() + self.config.timeout_s
         keys = list(keys)
         located = self._locate(keys, deadline)
+        relocated: list[_Located | StoreError] = []  # by fail-overs: released at the end too
+        result = self._get_located(
+            keys, located, relocated=relocated, deadline=deadline, target=target, finish=finish
+        )
+        # Only once every read is over: an exception may leave the pool's reads running (their
+        # leases then end by time).
+        self._release(located)
+        self._release(relocated)
+        return result
+
+    def _release(self, located: Sequence[_Located | StoreError]) -> None:
+        """This client reads no more under these items' GET leases: the master may end them
+        (and free bytes they held back) at its next request. Call once per item located."""
+        leases = [loc.lease for loc in located if isinstance(loc, _Located) and loc.lease]
+        if leases:
+            self._master.release(leases)
+
+    def _get_located(
+        self,
+        keys: list[str],
+        located: list[_Located | StoreError],
+        *,
+        relocated: list[_Located | StoreError],
+        deadline: float,
+        target: Callable[[int, _Located], np.ndarray],
+        finish: Callable[[int, _Located, np.ndarray], T],
+    ) -> BatchResult[T]:
+        """_get_many once located (see there); locations of fail-overs go into ``relocated``."""
         n = len(keys)
         outcomes: list[ItemOutcome[T] | None] = [None] * n
         views: list[np.ndarray | None] = [None] * n
@@ -1088,6 +1119,7 @@ class StoreClient:
                         loc = self._locate([keys[i]], deadline)[0]
                     except StoreError as err:
                         return ItemOutcome(i, keys[i], None, err)
+                    relocated.append(loc)  # list.append: safe from the pool's threads
                     old = views[i]
                     if isinstance(loc, _Located) and old is not None and old.nbytes != loc.size:
                         views[i] = None  # rewritten with another size: a new target

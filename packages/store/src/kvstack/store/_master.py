@@ -134,6 +134,11 @@ class Entry:
     soft_pin_until: float = 0.0  # wall clock
     last_access: float = 0.0  # monotonic
     lease_until: float = 0.0  # monotonic
+    # Readers under the lease that have not said they are done (see Master._release), its id
+    # in GET replies (0 until first leased), and whether frees wait for it in _deferred.
+    readers: int = 0
+    lease_id: int = 0
+    deferred: bool = False
     demoting: bool = False
     version: int = 0
 
@@ -328,7 +333,11 @@ class Master:
         self._used = 0
         self._largest_segment = 0
         self._segment_owner: dict[str, str] = {}
-        self._deferred: list[tuple[float, str, Replica, int]] = []  # (until, node, replica, size)
+        # Frees waiting for a read lease: (until, node, replica, size, lease id).
+        self._deferred: list[tuple[float, str, Replica, int, int]] = []
+        # Entries (live or replaced) with a lease that may still be released early, by id.
+        self._leases: dict[int, Entry] = {}
+        self._lease_ids = itertools.count(1)
         self._under: set[str] = set()
         self._rereplicating: set[str] = set()
         self._task_ids = itertools.count(1)
@@ -457,7 +466,11 @@ class Master:
             handler = self._ops.get(op)
             if handler is None:
                 raise ProtocolError(f"unknown op {op}", peer=conn.peer)
-            result = handler(decode(payload, peer=conn.peer))
+            data = decode(payload, peer=conn.peer)
+            released = data.get("released") if isinstance(data, dict) else None
+            if released is not None:
+                self._release(released)
+            result = handler(data)
         except StoreError as exc:
             conn.reply(op, request_id, exc.to_wire(), error=True)
             return
@@ -811,6 +824,32 @@ class Master:
 
         return self._per_item(self._items(data), one)
 
+    def _release(self, released: object) -> None:
+        """Readers done with what they read: ids of GET replies' leases, one per item read, that
+        a client sends with its next request (so after its copies). A lease whose readers are
+        all done ends now, and frees waiting for it happen now. Without this, overwriting keys
+        that were just read filled memory with frees deferred for whole leases, until eviction
+        dropped live objects (issue 4)."""
+        if not isinstance(released, list) or not all(type(i) is int for i in released):
+            raise InvalidArgument(f"'released' must be a list of lease ids, got {released!r:.80}")
+        now = time.monotonic()
+        for lease_id in released:
+            entry = self._leases.get(lease_id)
+            if entry is None:
+                continue  # ended already: by time, or all its readers released it
+            entry.readers -= 1
+            if entry.readers > 0 and entry.lease_until > now:
+                continue
+            del self._leases[lease_id]
+            entry.readers = 0
+            entry.lease_until = min(entry.lease_until, now)
+            if entry.deferred:
+                entry.deferred = False
+                due = [d for d in self._deferred if d[4] == lease_id]
+                self._deferred = [d for d in self._deferred if d[4] != lease_id]
+                for _until, _node, replica, size, _lease in due:
+                    self._free(replica, size)
+
     def _get(self, data: dict[str, Any]) -> Any:
         out: list[dict[str, Any]] = []
         promote: dict[int, Entry] = {}
@@ -866,12 +905,20 @@ class Master:
     def _located(self, entry: Entry, memory: list[Replica]) -> dict[str, Any]:
         now = time.monotonic()
         entry.last_access = now
+        if entry.lease_until <= now:
+            # A new lease, under a new id: a late release of the ended one must not end it.
+            self._leases.pop(entry.lease_id, None)
+            entry.readers = 0
+            entry.lease_id = next(self._lease_ids)
+        entry.readers += 1
         entry.lease_until = max(entry.lease_until, now + self.config.lease_s)
+        self._leases[entry.lease_id] = entry
         located: dict[str, Any] = {
             "size": entry.size,
             "checksum": entry.checksum,
             "attrs": entry.attrs,
             "replicas": [[r.node, r.segment, r.offset] for r in memory],
+            "lease": entry.lease_id,
         }
         if entry.checksum_kind is not DEFAULT_KIND:  # the reader's default; others are named
             located["checksum_kind"] = str(entry.checksum_kind)
@@ -1094,7 +1141,10 @@ class Master:
         entry.replicas = entry.disk()
         if entry.lease_until > time.monotonic():
             self.metrics.lease_waits.inc()
-            self._deferred.extend((entry.lease_until, r.node, r, entry.size) for r in memory)
+            entry.deferred = True
+            self._deferred.extend(
+                (entry.lease_until, r.node, r, entry.size, entry.lease_id) for r in memory
+            )
         else:
             for r in memory:
                 self._free(r, entry.size)
@@ -1244,8 +1294,9 @@ class Master:
         now = time.monotonic()
         if entry.lease_until > now:
             self.metrics.lease_waits.inc()
+            entry.deferred = True
             for r in entry.replicas:
-                self._deferred.append((entry.lease_until, r.node, r, entry.size))
+                self._deferred.append((entry.lease_until, r.node, r, entry.size, entry.lease_id))
         else:
             self._free_all(entry.replicas, entry.size)
 
@@ -1340,8 +1391,11 @@ class Master:
             if self._deferred:
                 due = [d for d in self._deferred if d[0] <= now]
                 self._deferred = [d for d in self._deferred if d[0] > now]
-                for _until, _node, replica, size in due:
+                for _until, _node, replica, size, _lease in due:
                     self._free(replica, size)
+            for lease_id, entry in list(self._leases.items()):
+                if entry.lease_until <= now:  # ended by time: readers that never said so
+                    del self._leases[lease_id]
 
     async def _rereplicator(self) -> None:
         running: set[asyncio.Task[None]] = set()

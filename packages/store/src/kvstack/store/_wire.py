@@ -9,6 +9,7 @@ version or an oversized length close the connection: the stream has lost its fra
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from enum import IntEnum
 from typing import Any
@@ -47,6 +48,8 @@ MAX_PAYLOAD_BYTES = 64 << 20
 _RECV_BYTES = 64 << 10
 # A pooled connection idle longer than this is checked for a hang-up before reuse.
 _STALE_CHECK_S = 0.05
+# Lease ids a request carries at most (the rest go with the next one): bounds its size.
+_RELEASES_PER_REQUEST = 4096
 
 
 class Op(IntEnum):
@@ -297,6 +300,7 @@ class MasterConnection:
         self._idle: list[_Socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._released: collections.deque[int] = collections.deque()
         self._unix = ""
 
     def use_unix(self, address: str) -> None:
@@ -373,6 +377,8 @@ class MasterConnection:
         ``while_waiting`` runs once the request is sent, before the reply is read: work that
         overlaps the master's (a put's checksum overlaps its PUT_START).
         """
+        if self._released:
+            data = {**data, "released": self._take_released()}
         payload = encode(data)
         try:
             try:
@@ -394,6 +400,18 @@ class MasterConnection:
         if flags & FLAG_ERROR:
             raise error_from_wire(reply)
         return reply
+
+    def release(self, lease_ids: Iterable[int]) -> None:
+        """Tell the master, with the next request, that this client is done reading under these
+        GET leases (each id once per item read, and only after its bytes were copied)."""
+        self._released.extend(lease_ids)
+
+    def _take_released(self) -> list[int]:
+        taken: list[int] = []
+        with suppress(IndexError):  # another thread took the rest
+            while len(taken) < _RELEASES_PER_REQUEST:
+                taken.append(self._released.popleft())
+        return taken
 
     def call_retrying(self, op: Op, data: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
         """``call`` for idempotent ops: retry MasterUnavailable until the deadline."""
