@@ -636,11 +636,15 @@ def copy_region(dst: Any, src: Any) -> None:
         memcpy(dst.ctypes.data, src.ctypes.data, dst.nbytes)
         return
     torch = sys.modules["torch"]
-    with warnings.catch_warnings():
-        # A read-only source (a read-only segment) is only read: torch's warning does not apply.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        dst_t = torch.from_numpy(dst) if isinstance(dst, np.ndarray) else dst
-        src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
+    if isinstance(dst, np.ndarray) or isinstance(src, np.ndarray):
+        with warnings.catch_warnings():
+            # A read-only source (a read-only segment) is only read: torch's warning does not
+            # apply.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            dst_t = torch.from_numpy(dst) if isinstance(dst, np.ndarray) else dst
+            src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
+    else:  # GPU to GPU: no warning filters to copy and restore around a 1 GiB copy's launch
+        dst_t, src_t = dst, src
     if dst_t.numel() == 0:
         return
     dst_t.copy_(src_t)
