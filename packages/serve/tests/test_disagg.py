@@ -262,7 +262,7 @@ def test_prefill_service_pushes_refuses_and_aborts(tiny: LoadedModel) -> None:
         # The push itself refused: blocks past the decoder's segment, or no such segment.
         with pytest.raises(HandoffError, match=r"KV push failed: .*exceeds segment"):
             await service.handle(handshake("past-end", [7, 8, 9, 32]))
-        with pytest.raises(HandoffError, match="KV push failed: .*not found"):
+        with pytest.raises(HandoffError, match=r"KV push failed: .*not found"):
             await service.handle({**handshake("gone", [7, 8, 9, 10]), "segment": "no-such-kv"})
 
     try:
