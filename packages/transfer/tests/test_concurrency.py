@@ -27,6 +27,7 @@ def test_many_threads_submitting_concurrently(
     peer = start_peer(f"shared:{region}:shm")
     local = engine.allocate("local", region)
     local[:] = np.random.default_rng(0).integers(0, 256, region, dtype=np.uint8)
+    expected = hashlib.sha256(local.data).hexdigest()
     errors: list[BaseException] = []
 
     def worker(t: int) -> None:
@@ -52,5 +53,54 @@ def test_many_threads_submitting_concurrently(
         thread.join(JOIN_TIMEOUT_S)
         assert not thread.is_alive(), "a submitting thread hung"
     assert not errors, errors
-    # The last round of every thread was a READ of what it wrote: both sides hold local's bytes.
-    assert peer.command(f"hash shared 0 {region}") == hashlib.sha256(local.data).hexdigest()
+    # The last round of every thread was a READ of what it wrote: both sides hold local's first
+    # bytes (a lost write would have read the peer's own back).
+    assert hashlib.sha256(local.data).hexdigest() == expected
+    assert peer.command(f"hash shared 0 {region}") == expected
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_many_threads_moving_page_arrays_concurrently(
+    engine: Engine, start_peer: Callable[..., PeerProcess], transport: str
+) -> None:
+    # int64 columns: over shm, one native check-and-copy per batch. Batches of 512 KiB are
+    # shared with the copier's helper threads, which one call owns at a time: the others copy
+    # alone. Every thread's pages must still land whole, in shuffled order.
+    pages = 64
+    region = THREADS * pages * PAGE
+    peer = start_peer(f"shared:{region}:shm")
+    local = engine.allocate("local", region)
+    local[:] = np.random.default_rng(1).integers(0, 256, region, dtype=np.uint8)
+    expected = hashlib.sha256(local.data).hexdigest()
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            rng = np.random.default_rng(100 + t)
+            base = t * pages * PAGE
+            for b in range(BATCHES_PER_THREAD):
+                order = rng.permutation(pages).astype(np.int64)
+                offsets = base + order * PAGE
+                lengths: np.ndarray | int = PAGE if b % 3 else np.full(pages, PAGE, np.int64)
+                engine.transfer_pages(
+                    Op.WRITE if b % 2 == 0 else Op.READ,
+                    "local",
+                    "shared",
+                    local_offsets=offsets,
+                    remote_offsets=offsets,
+                    lengths=lengths,
+                    transport=transport,
+                    timeout_s=JOIN_TIMEOUT_S,
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT_S)
+        assert not thread.is_alive(), "a submitting thread hung"
+    assert not errors, errors
+    assert hashlib.sha256(local.data).hexdigest() == expected  # the last rounds read it back
+    assert peer.command(f"hash shared 0 {region}") == expected
