@@ -135,3 +135,15 @@ def test_a_late_release_never_ends_the_next_lease() -> None:
         client._master.release([slow["lease"]])  # the slow reader is done, late
         client.put("k", _value(2), overwrite=True)
         assert client.stats()["deferred_frees"] == 1  # the new reader still holds version 1
+
+
+def test_lease_ids_of_two_masters_do_not_meet() -> None:
+    # A client may release an id it got before the master restarted: a new master's ids start
+    # elsewhere (at random, in 2**61 .. 2**62), so that id names none of its leases.
+    ids = []
+    for _ in range(2):
+        with StoreClient.embedded(MEMORY, master_config=_config()) as client:
+            client.put("k", _value(1))
+            ids.append(_locate(client, "k")["lease"])
+    assert ids[0] != ids[1]
+    assert all(2**61 <= i < 2**62 for i in ids)

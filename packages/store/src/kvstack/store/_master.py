@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import selectors
 import sys
 import threading
@@ -337,7 +338,9 @@ class Master:
         self._deferred: list[tuple[float, str, Replica, int, int]] = []
         # Entries (live or replaced) with a lease that may still be released early, by id.
         self._leases: dict[int, Entry] = {}
-        self._lease_ids = itertools.count(1)
+        # From a random start: a client may release an id from before a master restart, which
+        # must not name a lease of this master (a reader's bytes freed under it).
+        self._lease_ids = itertools.count((1 << 61) + secrets.randbits(60))
         self._under: set[str] = set()
         self._rereplicating: set[str] = set()
         self._task_ids = itertools.count(1)
