@@ -19,6 +19,25 @@ PAGES_PER_BATCH = 8
 JOIN_TIMEOUT_S = 120.0
 
 
+def _run_threads(worker: Callable[[int], None]) -> None:
+    """``worker(t)`` on THREADS threads at once; raises the first error any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            worker(t)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT_S)
+        assert not thread.is_alive(), "a submitting thread hung"
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_many_threads_submitting_concurrently(
     engine: Engine, start_peer: Callable[..., PeerProcess], transport: str
@@ -28,31 +47,19 @@ def test_many_threads_submitting_concurrently(
     local = engine.allocate("local", region)
     local[:] = np.random.default_rng(0).integers(0, 256, region, dtype=np.uint8)
     expected = hashlib.sha256(local.data).hexdigest()
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            base = t * PAGES_PER_BATCH * PAGE  # each thread owns its slice: results are checkable
-            for b in range(BATCHES_PER_THREAD):
-                op = Op.WRITE if b % 2 == 0 else Op.READ
-                requests = [
-                    TransferRequest(op, "local", base + p * PAGE, "shared", base + p * PAGE, PAGE)
-                    for p in range(PAGES_PER_BATCH)
-                ]
-                outcomes = engine.submit(requests, transport=transport).wait(
-                    timeout_s=JOIN_TIMEOUT_S
-                )
-                assert all(o.status is RequestStatus.DONE for o in outcomes), outcomes
-        except BaseException as exc:
-            errors.append(exc)
+        base = t * PAGES_PER_BATCH * PAGE  # each thread owns its slice: results are checkable
+        for b in range(BATCHES_PER_THREAD):
+            op = Op.WRITE if b % 2 == 0 else Op.READ
+            requests = [
+                TransferRequest(op, "local", base + p * PAGE, "shared", base + p * PAGE, PAGE)
+                for p in range(PAGES_PER_BATCH)
+            ]
+            outcomes = engine.submit(requests, transport=transport).wait(timeout_s=JOIN_TIMEOUT_S)
+            assert all(o.status is RequestStatus.DONE for o in outcomes), outcomes
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(JOIN_TIMEOUT_S)
-        assert not thread.is_alive(), "a submitting thread hung"
-    assert not errors, errors
+    _run_threads(worker)
     # The last round of every thread was a READ of what it wrote: both sides hold local's first
     # bytes (a lost write would have read the peer's own back).
     assert hashlib.sha256(local.data).hexdigest() == expected
@@ -72,35 +79,25 @@ def test_many_threads_moving_page_arrays_concurrently(
     local = engine.allocate("local", region)
     local[:] = np.random.default_rng(1).integers(0, 256, region, dtype=np.uint8)
     expected = hashlib.sha256(local.data).hexdigest()
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            rng = np.random.default_rng(100 + t)
-            base = t * pages * PAGE
-            for b in range(BATCHES_PER_THREAD):
-                order = rng.permutation(pages).astype(np.int64)
-                offsets = base + order * PAGE
-                lengths: np.ndarray | int = PAGE if b % 3 else np.full(pages, PAGE, np.int64)
-                engine.transfer_pages(
-                    Op.WRITE if b % 2 == 0 else Op.READ,
-                    "local",
-                    "shared",
-                    local_offsets=offsets,
-                    remote_offsets=offsets,
-                    lengths=lengths,
-                    transport=transport,
-                    timeout_s=JOIN_TIMEOUT_S,
-                )
-        except BaseException as exc:
-            errors.append(exc)
+        rng = np.random.default_rng(100 + t)
+        base = t * pages * PAGE
+        for b in range(BATCHES_PER_THREAD):
+            order = rng.permutation(pages).astype(np.int64)
+            offsets = base + order * PAGE
+            lengths: np.ndarray | int = PAGE if b % 3 else np.full(pages, PAGE, np.int64)
+            engine.transfer_pages(
+                Op.WRITE if b % 2 == 0 else Op.READ,
+                "local",
+                "shared",
+                local_offsets=offsets,
+                remote_offsets=offsets,
+                lengths=lengths,
+                transport=transport,
+                timeout_s=JOIN_TIMEOUT_S,
+            )
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(JOIN_TIMEOUT_S)
-        assert not thread.is_alive(), "a submitting thread hung"
-    assert not errors, errors
+    _run_threads(worker)
     assert hashlib.sha256(local.data).hexdigest() == expected  # the last rounds read it back
     assert peer.command(f"hash shared 0 {region}") == expected
