@@ -177,6 +177,11 @@ static void copy_alone(const int64_t *dsts, const int64_t *srcs, const int64_t *
  * Starting threads per call cost 30 us each on the 2-core CI box (7 threads: 216 us, about
  * what a whole 4 MiB page batch should take); waking a parked one costs ~5 us.
  *
+ * Wake-ups fan out: the caller posts the first WAKE_FANOUT helpers, and helper i, once awake,
+ * posts helpers (i + 1) * WAKE_FANOUT ... + WAKE_FANOUT - 1 before it works. One thread posting
+ * all 15 of a 1 MiB hash (a futex call each) started working only after the others could have
+ * done the job; this way no thread posts more than WAKE_FANOUT.
+ *
  * One call at a time owns the pool (`busy`); a call that finds it busy copies on its own
  * thread. `current` is the job helpers may join, NULL once its caller has taken the last
  * chunk: a helper that wakes late finds it NULL and parks again, so the caller waits only for
@@ -185,7 +190,9 @@ static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t pool_lock;
 static pthread_cond_t pool_done;
 static sem_t wake[MAX_THREADS];
+#define WAKE_FANOUT 4
 static int helpers; /* started so far */
+static int waking;  /* helpers the current job wakes (its fan-out posts stay below this) */
 static int busy;    /* a call owns the pool */
 static int inside;  /* helpers inside `current` */
 static struct job *current;
@@ -209,9 +216,17 @@ static void pool_init(void)
     pthread_atfork(NULL, NULL, pool_reset);
 }
 
+/* Post helpers first .. first + WAKE_FANOUT - 1 that are below `limit`. */
+static void wake_range(int first, int limit)
+{
+    for (int i = first; i < first + WAKE_FANOUT && i < limit; i++)
+        sem_post(&wake[i]);
+}
+
 static void *helper(void *arg)
 {
     sem_t *own = arg;
+    int index = (int)(own - wake);
     uint64_t last = 0; /* the generation this helper joined last */
     for (;;) {
         while (sem_wait(own) != 0) {
@@ -220,6 +235,7 @@ static void *helper(void *arg)
         /* A post left over from a job this helper woke too late for can wake it during a
          * later one it has already helped with: join each job once. */
         struct job *job = generation != last ? current : NULL;
+        int limit = waking;
         if (job != NULL) {
             last = generation;
             inside++;
@@ -228,6 +244,7 @@ static void *helper(void *arg)
         pthread_mutex_unlock(&pool_lock);
         if (job == NULL)
             continue;
+        wake_range((index + 1) * WAKE_FANOUT, limit);
         job->take(job);
         pthread_mutex_lock(&pool_lock);
         if (--inside == 0)
@@ -270,10 +287,10 @@ static int run_job(struct job *job, int wanted)
         wanted = have;
     busy = 1;
     current = job;
+    waking = wanted;
     generation++;
     pthread_mutex_unlock(&pool_lock);
-    for (int i = 0; i < wanted; i++)
-        sem_post(&wake[i]);
+    wake_range(0, wanted);
     job->take(job);
     pthread_mutex_lock(&pool_lock);
     current = NULL; /* every unit is taken: helpers that wake from now on join nothing */
