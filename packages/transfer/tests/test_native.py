@@ -283,6 +283,85 @@ def test_copy_pages_refuses_columns_it_cannot_read(copier: NativeCopier, bad: st
     assert not buffer.any()
 
 
+@pytest.mark.parametrize("scalar_length", [False, True], ids=["lengths", "one-length"])
+def test_plan_pages_lays_out_a_tcp_batch(copier: NativeCopier, scalar_length: bool) -> None:
+    rng = np.random.default_rng(40)
+    local = np.zeros(2 * MiB, dtype=np.uint8)
+    count, slot = 80, 16 * KiB
+    local_offsets = rng.choice(local.size // slot, count, replace=False) * slot + 3
+    remote_offsets = rng.choice(192, count, replace=False) * slot + 5
+    lengths: np.ndarray | int = 4097 if scalar_length else rng.integers(0, slot - 8, count)
+    each = np.broadcast_to(np.asarray(lengths, dtype=np.int64), (count,))
+    planned = copier.plan_pages(
+        local_offsets,
+        remote_offsets,
+        lengths,
+        local=(local.ctypes.data, local.size),
+        remote_size=3 * MiB,
+        max_length=slot,
+    )
+    assert not isinstance(planned, int)
+    table, wire, addresses, total = planned
+    assert total == int(each.sum())
+    np.testing.assert_array_equal(table, np.stack([local_offsets, remote_offsets, each]))
+    pairs = np.frombuffer(wire, dtype="<u8").reshape(count, 2)
+    np.testing.assert_array_equal(pairs, np.stack([remote_offsets, each], axis=1))
+    np.testing.assert_array_equal(addresses, local_offsets + local.ctypes.data)
+
+
+@pytest.mark.parametrize(
+    ("column", "index", "value"),
+    [
+        ("local", 5, -1),
+        ("remote", 0, -3),
+        ("local", 7, 1 * MiB - 99),  # ends 1 byte past the local segment
+        ("remote", 63, 2 * MiB - 99),  # ... the remote one
+        ("lengths", 2, 2**62),  # past max_length (and an overflow for a naive check)
+        ("lengths", 4, 4097),  # past max_length only
+    ],
+)
+def test_plan_pages_names_the_first_bad_request(
+    copier: NativeCopier, column: str, index: int, value: int
+) -> None:
+    columns = {
+        "local": np.arange(64, dtype=np.int64) * 1024,
+        "remote": np.arange(64, dtype=np.int64) * 2048,
+        "lengths": np.full(64, 100, dtype=np.int64),
+    }
+    columns[column][index] = value
+    columns[column][index + 1 :] = -1  # a later bad request must not be the one named
+    planned = copier.plan_pages(
+        columns["local"],
+        columns["remote"],
+        columns["lengths"],
+        local=(4096, 1 * MiB),  # never dereferenced: planning reads the columns only
+        remote_size=2 * MiB,
+        max_length=4096,
+    )
+    assert planned == -1 - index
+
+
+def test_check_wire_gives_addresses_or_the_first_bad_range(copier: NativeCopier) -> None:
+    pairs = struct.pack("<6Q", 0, 10, 990, 10, 500, 0)
+    base = 1 << 40  # never dereferenced
+    checked = copier.check_wire(pairs, frame_length=20, base=base, size=1000)
+    assert not isinstance(checked, int)
+    np.testing.assert_array_equal(checked[0], [base, base + 990, base + 500])
+    np.testing.assert_array_equal(checked[1], [10, 10, 0])
+    # Past the end: the first such range is named.
+    bad = struct.pack("<6Q", 0, 10, 991, 10, 2000, 0)
+    assert copier.check_wire(bad, frame_length=20, base=base, size=1000) == -2 - 1
+    # Offsets near 2**64 must not wrap around the bounds check.
+    wrap = struct.pack("<4Q", 0, 10, 2**64 - 5, 10)
+    assert copier.check_wire(wrap, frame_length=20, base=base, size=1000) == -2 - 1
+    # Lengths that do not add up to the frame (too few, too many, or wrapping) are junk.
+    for frame_length in (19, 21):
+        assert copier.check_wire(pairs, frame_length=frame_length, base=base, size=1000) == -1
+    huge = struct.pack("<4Q", 0, 2**64 - 10, 0, 30)
+    assert copier.check_wire(huge, frame_length=20, base=base, size=1000) == -1
+    assert not isinstance(copier.check_wire(b"", frame_length=0, base=base, size=0), int)
+
+
 def test_unequal_arrays_are_refused(copier: NativeCopier) -> None:
     one = np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="unequal"):

@@ -27,6 +27,7 @@ from kvstack.transfer import (
     TransferTimeout,
     TransportUnavailable,
 )
+from kvstack.transfer._native import NativeCopier
 from kvstack.transfer._peer import PeerProcess, random_bytes
 
 TRANSPORTS = ["shm", "tcp"]
@@ -156,59 +157,77 @@ def test_caller_may_reuse_its_arrays_at_once(
     assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
 
 
-def _shm_sample(name: str, engine: Engine, peer: PeerProcess) -> float:
-    labels = {"transport": "shm", "peer": peer.address, "op": "write"}
+def _sample(name: str, transport: str, peer: PeerProcess) -> float:
+    labels = {"transport": transport, "peer": peer.address, "op": "write"}
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("blocking", [False, True], ids=["submit", "transfer"])
 def test_int64_columns_and_other_columns_give_the_same_batch(
     copy_path: str,
     engine: Engine,
     peer: PeerProcess,
+    *,
     blocking: bool,
+    transport: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # int64 arrays take one native call over shm (with the native library); int32 ones the
-    # general path. Same bytes, same requests, metrics counted once either way.
+    # int64 arrays take one native call (shm: checked and copied; tcp: checked and laid out
+    # in frames) with the native library; int32 ones the general path. Same bytes, same
+    # requests, metrics counted once either way.
     local = engine.allocate("local", SEG_BYTES)
     local_offsets, remote_offsets, lengths = _scattered(12, 100)
     total = int(lengths.sum())
     remote = random_bytes(PEER_SEED, SEG_BYTES)  # what the peer's segment holds
     requests = []
-    native_copies: list[int | None] = []
-    copy_page_columns = engine._shm.copy_page_columns
+    native_calls: list[object] = []
+    if transport == "shm":
+        copy_page_columns = engine._shm.copy_page_columns
 
-    def spy(*args: Any, **kwargs: Any) -> int | None:
-        native_copies.append(copy_page_columns(*args, **kwargs))
-        return native_copies[-1]
+        def copy_spy(*args: Any, **kwargs: Any) -> int | None:
+            copied = copy_page_columns(*args, **kwargs)
+            native_calls.append(copied)
+            return copied
 
-    monkeypatch.setattr(engine._shm, "copy_page_columns", spy)
+        monkeypatch.setattr(engine._shm, "copy_page_columns", copy_spy)
+    else:
+        plan_pages = NativeCopier.plan_pages
+
+        def plan_spy(self: NativeCopier, *args: Any, **kwargs: Any) -> Any:
+            planned = plan_pages(self, *args, **kwargs)
+            native_calls.append(planned if isinstance(planned, int) else planned[3])
+            return planned
+
+        monkeypatch.setattr(NativeCopier, "plan_pages", plan_spy)
     for round_, dtype in enumerate((np.int64, np.int32)):
         local[:] = random_bytes(11 + round_, SEG_BYTES)  # new bytes each round
-        bytes_before = _shm_sample("kvstack_transfer_bytes_total", engine, peer)
-        requests_before = _shm_sample("kvstack_transfer_requests_total", engine, peer)
+        bytes_before = _sample("kvstack_transfer_bytes_total", transport, peer)
+        requests_before = _sample("kvstack_transfer_requests_total", transport, peer)
         call: dict[str, Any] = {
             "local_offsets": local_offsets.astype(dtype),
             "remote_offsets": remote_offsets.astype(dtype),
             "lengths": lengths.astype(dtype),
-            "transport": "shm",
+            "transport": transport,
         }
         if blocking:
             engine.transfer_pages(Op.WRITE, "local", "kv", **call)
         else:
             batch = engine.submit_pages(Op.WRITE, "local", "kv", **call)
-            assert batch.poll()  # shm batches finish inside submit
-            batch.raise_for_errors()
+            if transport == "shm":
+                assert batch.poll()  # shm batches finish inside submit
+            statuses = [o.status for o in batch.wait(timeout_s=WAIT_S)]
+            assert statuses == [RequestStatus.DONE] * 100
             assert len(batch) == 100
             requests.append(batch.requests)
-        sent = _shm_sample("kvstack_transfer_bytes_total", engine, peer) - bytes_before
-        counted = _shm_sample("kvstack_transfer_requests_total", engine, peer) - requests_before
+        sent = _sample("kvstack_transfer_bytes_total", transport, peer) - bytes_before
+        counted = _sample("kvstack_transfer_requests_total", transport, peer) - requests_before
         assert (sent, counted) == (total, 100)
         remote = _expected(remote, local, remote_offsets, local_offsets, lengths)
         assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
-    # Only the int64 round went native, and only with the library there.
-    assert native_copies == ([total] if copy_path == "native" else [None])
+    # Only the int64 round went native, and only with the library there (without it, the
+    # engine does not try).
+    assert native_calls == ([total] if copy_path == "native" else [])
     if not blocking:
         assert requests[0] == requests[1]
         assert requests[0][7] == TransferRequest(

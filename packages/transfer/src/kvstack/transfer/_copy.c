@@ -2,6 +2,8 @@
  *
  *   kvstack_copy_ranges  copy ranges to ranges, shared by bytes with parked helper threads
  *   kvstack_copy_pages   check a page batch's columns against both segments, then copy it
+ *   kvstack_plan_pages   check them, and lay out a tcp page batch's frames
+ *   kvstack_check_wire   check a received tcp frame's range table against a segment
  *   kvstack_hash_ranges  KVH-64 digest of each range, copying it on the way if asked
  *   kvstack_send_ranges  send ranges on a socket (one tcp frame's pages)
  *   kvstack_recv_ranges  receive into ranges from a socket
@@ -353,27 +355,48 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
  * copied: the caller finds out what is wrong with i). With `table` (int64 [3, n]) the three
  * columns are also copied there. Shared by bytes with up to threads - 1 helpers, one per
  * bytes_per_thread of the batch. */
-int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
-                           const int64_t *lengths, int64_t length, int64_t n, int64_t *table,
-                           int64_t local_base, int64_t local_size, int64_t remote_base,
-                           int64_t remote_size, int reading, int threads,
-                           int64_t bytes_per_thread)
+/* The checks of a page batch's columns (see kvstack_copy_pages), with requests longer than
+ * max_length refused too: the total bytes, or -1 - i for the first bad request i. */
+static int64_t check_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
+                           const int64_t *lengths, int64_t length, int64_t n,
+                           int64_t local_size, int64_t remote_size, int64_t max_length)
 {
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t lo = local_offsets[i], ro = remote_offsets[i];
         int64_t len = lengths ? lengths[i] : length;
         /* offset + len > size <=> offset > size - len, without overflow for values >= 0 */
-        if (lo < 0 || ro < 0 || len < 0 || lo > local_size - len || ro > remote_size - len)
+        if (lo < 0 || ro < 0 || len < 0 || len > max_length || lo > local_size - len ||
+            ro > remote_size - len)
             return -1 - i;
         total += len;
     }
+    return total;
+}
+
+static void copy_table(int64_t *table, const int64_t *local_offsets,
+                       const int64_t *remote_offsets, const int64_t *lengths, int64_t length,
+                       int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        table[i] = local_offsets[i];
+        table[n + i] = remote_offsets[i];
+        table[2 * n + i] = lengths ? lengths[i] : length;
+    }
+}
+
+int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
+                           const int64_t *lengths, int64_t length, int64_t n, int64_t *table,
+                           int64_t local_base, int64_t local_size, int64_t remote_base,
+                           int64_t remote_size, int reading, int threads,
+                           int64_t bytes_per_thread)
+{
+    int64_t total = check_pages(local_offsets, remote_offsets, lengths, length, n, local_size,
+                                remote_size, INT64_MAX);
+    if (total < 0)
+        return total;
     if (table != NULL)
-        for (int64_t i = 0; i < n; i++) {
-            table[i] = local_offsets[i];
-            table[n + i] = remote_offsets[i];
-            table[2 * n + i] = lengths ? lengths[i] : length;
-        }
+        copy_table(table, local_offsets, remote_offsets, lengths, length, n);
     int64_t *columns = malloc((size_t)(3 * n + 1) * sizeof *columns);
     int64_t *locals = columns, *remotes = columns + n, *lens = columns + 2 * n;
     if (columns == NULL) { /* no memory for the address table: page by page, here alone */
@@ -399,6 +422,60 @@ int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_o
         kvstack_copy_ranges(remotes, locals, lens, n, wanted < 1 ? 1 : (int)wanted, 0);
     free(columns);
     return total;
+}
+
+/* The tcp twin of kvstack_copy_pages: the same checks (and requests longer than max_length
+ * refused: tcp sends those per request), then the columns into `table` (int64 [3, n]), each
+ * request's (remote offset, length) as little-endian u64 pairs into `wire` (the frames' range
+ * tables, 16 n bytes) and the address of its local bytes into `addresses`. Returns the total
+ * bytes or -1 - i for the first bad request i (then the outputs are not written). Issue #3:
+ * right after a 64 MiB write, the numpy calls this replaces took 190 us of a 4 MiB batch's
+ * 1.1 ms on the H200 machine. */
+int64_t kvstack_plan_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
+                           const int64_t *lengths, int64_t length, int64_t n, int64_t local_base,
+                           int64_t local_size, int64_t remote_size, int64_t max_length,
+                           int64_t *table, uint64_t *wire, int64_t *addresses)
+{
+    int64_t total = check_pages(local_offsets, remote_offsets, lengths, length, n, local_size,
+                                remote_size, max_length);
+    if (total < 0)
+        return total;
+    copy_table(table, local_offsets, remote_offsets, lengths, length, n);
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t pair[2] = {(uint64_t)remote_offsets[i], (uint64_t)(lengths ? lengths[i] : length)};
+        memcpy(wire + 2 * i, pair, sizeof pair); /* x86-64 and aarch64 Linux: little-endian */
+        addresses[i] = local_base + local_offsets[i];
+    }
+    return total;
+}
+
+/* A received READV/WRITEV frame's range table (`count` little-endian u64 pairs: offset,
+ * length) against a segment of `size` bytes at `base`: the address of each range into
+ * `addresses` and its length into `lengths`. Returns 0; -1 when the lengths do not add up to
+ * the frame's `frame_length` (a malformed frame); -2 - i when range i lies outside the
+ * segment. The peer's per-frame numpy checks took 50-70 us there (see kvstack_plan_pages). */
+int64_t kvstack_check_wire(const uint64_t *pairs, int64_t count, int64_t frame_length,
+                           int64_t base, int64_t size, int64_t *addresses, int64_t *lengths)
+{
+    uint64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        uint64_t pair[2];
+        memcpy(pair, pairs + 2 * i, sizeof pair);
+        if (pair[1] > (uint64_t)frame_length || total + pair[1] > (uint64_t)frame_length)
+            return -1;
+        total += pair[1];
+    }
+    if (total != (uint64_t)frame_length)
+        return -1;
+    for (int64_t i = 0; i < count; i++) {
+        uint64_t pair[2];
+        memcpy(pair, pairs + 2 * i, sizeof pair);
+        if (pair[0] > (uint64_t)size || pair[1] > (uint64_t)size - pair[0])
+            return -2 - i;
+        addresses[i] = base + (int64_t)pair[0];
+        lengths[i] = (int64_t)pair[1];
+    }
+    return 0;
 }
 
 /* ---- KVH-64: the digest the store checks every object's bytes against -----------------

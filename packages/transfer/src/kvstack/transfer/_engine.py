@@ -11,11 +11,11 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from kvstack.transfer import _metrics
+from kvstack.transfer import _metrics, _native
 from kvstack.transfer._batch import Batch, Pages, Route, Work
 from kvstack.transfer._config import EngineConfig, parse_size
 from kvstack.transfer._cuda import CudaTransport, ipc_descriptor
@@ -28,7 +28,7 @@ from kvstack.transfer._memory import (
     sweep_stale_shm,
 )
 from kvstack.transfer._metadata import MetadataBackend, open_metadata
-from kvstack.transfer._tcp import TcpServer, TcpTransport
+from kvstack.transfer._tcp import PagePlan, TcpServer, TcpTransport
 from kvstack.transfer._transport import LOCAL_OWNERS, LocalTransport, ShmTransport, Transport
 from kvstack.transfer._types import BufferItem, Op, SegmentInfo, TransferRequest
 from kvstack.transfer.errors import (
@@ -90,6 +90,18 @@ def _int64_column(values: object) -> np.ndarray | None:
     ):
         return values
     return None
+
+
+class _FastPages(NamedTuple):
+    """A page batch for Engine's native paths (see Engine._fast_pages)."""
+
+    op: Op
+    segment: LocalSegment
+    info: SegmentInfo
+    transport: str  # "shm" or "tcp"
+    local_offsets: np.ndarray  # int64, C-contiguous, as the caller gave them
+    remote_offsets: np.ndarray
+    lengths: np.ndarray | int
 
 
 def _page_table(local_offsets: object, remote_offsets: object, lengths: object) -> np.ndarray:
@@ -647,7 +659,7 @@ class Engine:
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequest(f"timeout_s must be > 0, got {timeout_s!r}")
 
-    def _pages_now(
+    def _fast_pages(
         self,
         op: Op,
         local: str,
@@ -657,19 +669,15 @@ class Engine:
         remote_offsets: object,
         lengths: object,
         transport: str | None,
-        keep_table: bool,
-    ) -> tuple[Route, LocalSegment, np.ndarray | None] | None:
-        """A page batch over shm in one native call, when its columns are int64 arrays already
-        (what a KV-cache manager keeps): checked and copied now, metrics recorded. Returns its
-        route, local segment and (``keep_table``) a copy of its columns as ``Pages.table``.
+    ) -> _FastPages | None:
+        """A page batch the native library checks and moves (shm) or lays out (tcp) in one
+        call: its columns are int64 arrays already (what a KV-cache manager keeps), between a
+        local host segment and a remote one it may use that way. Attribute checks only.
 
-        None when nothing was done: another transport, other column types, no native library,
-        or any bad input. The general path then takes the batch and says what is wrong. Right
+        None sends the batch down the general path, which also says what is wrong. Right
         after a big copy has flushed the caches, each numpy call of that path cost 5-10 us on
         the H200 machine: half the time of a 4 MiB batch went there (issue #3).
         """
-        if transport not in (None, "shm"):
-            return None
         local_column = _int64_column(local_offsets)
         remote_column = _int64_column(remote_offsets)
         if local_column is None or remote_column is None:
@@ -683,33 +691,78 @@ class Engine:
         if not isinstance(length_column, int) and len(length_column) != n:
             return None
         segment = self._segments.get(local)
-        if segment is None or segment.host is None:
+        if segment is None or segment.host is None or _native.load() is None:
             return None
         try:
             info = self.lookup(remote)
             chosen = self._pick(info, transport)
         except TransferError:
             return None
-        reading = op is _READ
-        if chosen is not self._shm or (segment.readonly if reading else info.readonly):
+        if chosen.name not in ("shm", "tcp") or (
+            segment.readonly if op is _READ else info.readonly
+        ):
             return None
+        return _FastPages(
+            op, segment, info, chosen.name, local_column, remote_column, length_column
+        )
+
+    def _copy_pages_now(self, fast: _FastPages, table: np.ndarray | None) -> bool:
+        """Check and copy a fast page batch over shm in one native call, metrics recorded;
+        ``table`` (int64 [3, n]) receives its columns. False when nothing was done."""
         started = time.monotonic()
-        table = np.empty((3, n), dtype=np.int64) if keep_table else None
         copied = self._shm.copy_page_columns(
-            info,
-            segment,
-            reading=reading,
-            local_offsets=local_column,
-            remote_offsets=remote_column,
-            lengths=length_column,
+            fast.info,
+            fast.segment,
+            reading=fast.op is _READ,
+            local_offsets=fast.local_offsets,
+            remote_offsets=fast.remote_offsets,
+            lengths=fast.lengths,
             table=table,
         )
         if copied is None:
-            return None
+            return False
         _metrics.record_done(
-            "shm", info.peer, op.value, count=n, length=copied, seconds=time.monotonic() - started
+            "shm",
+            fast.info.peer,
+            fast.op.value,
+            count=len(fast.local_offsets),
+            length=copied,
+            seconds=time.monotonic() - started,
         )
-        return Route(info, "shm", op.value), segment, table
+        return True
+
+    def _send_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
+        """Check a fast page batch and lay out its tcp frames in one native call, then send
+        them. None when nothing was done (a bad request, or pages over page_max_bytes)."""
+        native = _native.load()
+        assert native is not None  # _fast_pages checked
+        segment = fast.segment
+        planned = native.plan_pages(
+            fast.local_offsets,
+            fast.remote_offsets,
+            fast.lengths,
+            local=(segment.address, segment.size_bytes),
+            remote_size=fast.info.size_bytes,
+            max_length=self._tcp.page_max_bytes,
+        )
+        if isinstance(planned, int):
+            return None
+        table, wire, addresses, total = planned
+        route = Route(fast.info, "tcp", fast.op.value)
+        route.totals = [len(fast.local_offsets), total]
+        pages = Pages(route, segment, fast.op, table, timeout_s)
+        batch = Batch(
+            pages=pages,
+            default_timeout_s=self.config.request_timeout_s if timeout_s is None else timeout_s,
+            on_error=self._on_error,
+        )
+        batch._routes.append(route)
+        uniform = fast.lengths if isinstance(fast.lengths, int) else 0
+        try:
+            self._tcp.submit_pages(batch, pages, PagePlan(wire, addresses, total, uniform))
+        except TransferError as exc:
+            batch._fail_range(0, len(batch), exc)
+        return batch
 
     def submit_pages(
         self,
@@ -743,7 +796,7 @@ class Engine:
         transports, and tcp pages over ``TcpTransport.page_max_bytes``, go per request.
         """
         self._check_pages_call(op, timeout_s)
-        now = self._pages_now(
+        fast = self._fast_pages(
             op,
             local,
             remote,
@@ -751,18 +804,25 @@ class Engine:
             remote_offsets=remote_offsets,
             lengths=lengths,
             transport=transport,
-            keep_table=True,
         )
-        if now is not None:
-            route, segment, table = now
-            assert table is not None
-            batch = Batch(
-                pages=Pages(route, segment, op, table, timeout_s),
-                default_timeout_s=self.config.request_timeout_s if timeout_s is None else timeout_s,
-                on_error=self._on_error,
-            )
-            batch._done_all()  # no routes: _pages_now recorded the metrics
-            return batch
+        if fast is not None and fast.transport == "shm":
+            table = np.empty((3, len(fast.local_offsets)), dtype=np.int64)
+            if self._copy_pages_now(fast, table):
+                batch = Batch(
+                    pages=Pages(
+                        Route(fast.info, "shm", op.value), fast.segment, op, table, timeout_s
+                    ),
+                    default_timeout_s=(
+                        self.config.request_timeout_s if timeout_s is None else timeout_s
+                    ),
+                    on_error=self._on_error,
+                )
+                batch._done_all()  # no routes: _copy_pages_now recorded the metrics
+                return batch
+        elif fast is not None:
+            sent = self._send_pages_now(fast, timeout_s)
+            if sent is not None:
+                return sent
         return self._submit_pages_general(
             op,
             local,
@@ -822,20 +882,24 @@ class Engine:
     ) -> None:
         """``submit_pages``, wait, and raise BatchFailed naming every failed request, if any."""
         self._check_pages_call(op, timeout_s)
-        if (
-            self._pages_now(
-                op,
-                local,
-                remote,
-                local_offsets=local_offsets,
-                remote_offsets=remote_offsets,
-                lengths=lengths,
-                transport=transport,
-                keep_table=False,
-            )
-            is not None
-        ):
-            return
+        fast = self._fast_pages(
+            op,
+            local,
+            remote,
+            local_offsets=local_offsets,
+            remote_offsets=remote_offsets,
+            lengths=lengths,
+            transport=transport,
+        )
+        if fast is not None and fast.transport == "shm":
+            if self._copy_pages_now(fast, None):
+                return  # no Batch to build: nothing can fail any more
+        elif fast is not None:
+            batch = self._send_pages_now(fast, timeout_s)
+            if batch is not None:
+                batch._wait(None)
+                batch.raise_for_errors()
+                return
         batch = self._submit_pages_general(
             op,
             local,

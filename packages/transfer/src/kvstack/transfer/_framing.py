@@ -124,35 +124,40 @@ def recv_exact_into(
 
 
 class Ranges:
-    """Checked ranges of one host array as one piece of a frame: ``memory[offsets[i] :
-    offsets[i] + lengths[i]]`` for each i, in order (a vectored frame's pages).
+    """Checked ranges of one host array as one piece of a frame: the ``lengths[i]`` bytes at
+    ``addresses[i]`` for each i, in order (a vectored frame's pages), inside ``memory``.
 
     Sent and received by the native library in one call per frame, with no Python object per
-    range (issue #3); without it, as one memoryview per range.
+    range (issue #3); without it, as one memoryview per range. Built from arrays the caller
+    has already checked and laid out (``kvstack_plan_pages``, ``kvstack_check_wire``): no
+    numpy arithmetic per frame.
     """
 
-    __slots__ = ("address", "lengths", "memory", "nbytes", "offsets")
+    __slots__ = ("address", "addresses", "lengths", "memory", "nbytes")
 
     def __init__(
-        self, memory: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, *, address: int
+        self,
+        memory: np.ndarray,
+        addresses: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        address: int,
+        nbytes: int,
     ) -> None:
         self.memory = memory  # 1-D uint8; holding it keeps the memory alive until sent
-        self.address = address  # of memory[0] (LocalSegment.address: no numpy call per frame)
-        self.offsets = offsets.astype(np.int64, copy=False)
-        self.lengths = lengths.astype(np.int64, copy=False)
-        self.nbytes = int(self.lengths.sum())
+        self.address = address  # of memory[0] (LocalSegment.address)
+        self.addresses = addresses  # int64, C-contiguous
+        self.lengths = lengths  # int64, C-contiguous
+        self.nbytes = nbytes
 
     def __len__(self) -> int:
         return self.nbytes
 
-    def addresses(self) -> np.ndarray:
-        return self.offsets + self.address
-
     def views(self) -> list[memoryview]:
-        memory = self.memory.data
+        memory, base = self.memory.data, self.address
         return [
-            memory[o : o + n]
-            for o, n in zip(self.offsets.tolist(), self.lengths.tolist(), strict=True)
+            memory[a - base : a - base + n]
+            for a, n in zip(self.addresses.tolist(), self.lengths.tolist(), strict=True)
         ]
 
 
@@ -178,8 +183,7 @@ def send_frames(
                 send_buffers(sock, pending, peer=peer, expired=expired, flags=socket.MSG_MORE)
                 pending = []
             done = ctypes.c_int64(0)
-            addresses = item.addresses()
-            while not native.send_ranges(sock.fileno(), addresses, item.lengths, done):
+            while not native.send_ranges(sock.fileno(), item.addresses, item.lengths, done):
                 if expired():
                     raise TransferTimeout("sending", timeout_s=0.0, peer=peer)
     send_buffers(sock, pending, peer=peer, expired=expired)
@@ -340,12 +344,11 @@ class FrameReader:
         if have < ranges.nbytes and self._on_idle is not None:
             self._on_idle()  # about to wait for the peer: see _recv
         done = ctypes.c_int64(0)
-        addresses = ranges.addresses()
         fd = self._sock.fileno()
         try:
             while not native.recv_ranges(
                 fd,
-                addresses,
+                ranges.addresses,
                 ranges.lengths,
                 done,
                 buffered_address=buffered_address,

@@ -50,7 +50,9 @@ _I64P = ctypes.POINTER(ctypes.c_int64)
 
 def _int64s(values: np.ndarray) -> np.ndarray:
     # The C side reads n int64s from each pointer: never hand it another dtype or a strided
-    # view (no copy when the array is already right).
+    # view (no copy, and no numpy call, when the array is already right).
+    if values.dtype == np.int64 and values.ndim == 1 and values.flags.c_contiguous:
+        return values
     return np.ascontiguousarray(values, dtype=np.int64)
 
 
@@ -79,6 +81,12 @@ class NativeCopier:
         self._pages = library.kvstack_copy_pages
         self._pages.argtypes = (vp, vp, vp, i64, i64, vp, i64, i64, i64, i64, c_int, c_int, i64)
         self._pages.restype = i64
+        self._plan = library.kvstack_plan_pages
+        self._plan.argtypes = (vp, vp, vp, i64, i64, i64, i64, i64, i64, vp, vp, vp)
+        self._plan.restype = i64
+        self._check_wire = library.kvstack_check_wire
+        self._check_wire.argtypes = (ctypes.c_char_p, i64, i64, i64, i64, vp, vp)
+        self._check_wire.restype = i64
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
@@ -162,6 +170,76 @@ class NativeCopier:
                 bytes_per_thread,
             )
         )
+
+    def plan_pages(
+        self,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+        *,
+        local: tuple[int, int],
+        remote_size: int,
+        max_length: int,
+    ) -> tuple[np.ndarray, memoryview, np.ndarray, int] | int:
+        """Check a page batch as ``copy_pages`` does (and refuse requests over ``max_length``
+        bytes), then lay out its tcp frames: returns (the columns as an int64 [3, n] table,
+        each request's (remote offset, length) as little-endian u64 pairs in bytes, the
+        address of each request's local bytes, the total bytes), or ``-1 - i`` when request
+        i is bad (nothing was laid out).
+        """
+        n = len(local_offsets)
+        columns = (
+            (local_offsets, remote_offsets)
+            if isinstance(lengths, int)
+            else (local_offsets, remote_offsets, lengths)
+        )
+        for column in columns:
+            if not _int64_run(column, n):
+                raise ValueError(f"page columns must be {n} contiguous int64s each")
+        if isinstance(lengths, int):
+            lengths_address, length = None, lengths
+        else:
+            lengths_address, length = lengths.ctypes.data, 0
+        out = np.empty(6 * n, dtype=np.int64)  # table (3n), wire pairs (2n), addresses (n)
+        address = out.ctypes.data
+        total = int(
+            self._plan(
+                local_offsets.ctypes.data,
+                remote_offsets.ctypes.data,
+                lengths_address,
+                length,
+                n,
+                local[0],
+                local[1],
+                remote_size,
+                max_length,
+                address,
+                address + 24 * n,
+                address + 40 * n,
+            )
+        )
+        if total < 0:
+            return total
+        wire = out[3 * n : 5 * n].data.cast("B")
+        return out[: 3 * n].reshape(3, n), wire, out[5 * n :], total
+
+    def check_wire(
+        self, pairs: bytes, *, frame_length: int, base: int, size: int
+    ) -> tuple[np.ndarray, np.ndarray] | int:
+        """A received frame's range table (``len(pairs) // 16`` little-endian u64 pairs of
+        offset and length) against a segment of ``size`` bytes at address ``base``: returns
+        (each range's address, its length) as int64 arrays; -1 when the lengths do not add up
+        to ``frame_length``; ``-2 - i`` when range i lies outside the segment.
+        """
+        count = len(pairs) // 16
+        out = np.empty(2 * count, dtype=np.int64)
+        address = out.ctypes.data
+        status = int(
+            self._check_wire(pairs, count, frame_length, base, size, address, address + 8 * count)
+        )
+        if status < 0:
+            return status
+        return out[:count], out[count:]
 
     def hash_ranges(
         self,

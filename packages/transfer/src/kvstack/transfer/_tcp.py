@@ -27,16 +27,17 @@ import itertools
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from kvstack.transfer import _metrics
+from kvstack.transfer import _metrics, _native
 from kvstack.transfer._batch import Batch, Pages, Work
 from kvstack.transfer._framing import (
     HEADER,
@@ -68,7 +69,7 @@ from kvstack.transfer.errors import (
     error_from_wire,
 )
 
-__all__ = ["TcpServer", "TcpTransport"]
+__all__ = ["PagePlan", "TcpServer", "TcpTransport"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,57 +293,149 @@ class TcpServer:
             raise ProtocolError(
                 f"vectored frame of {count} ranges, {length} bytes", peer=reader.peer
             )
-        ranges = np.frombuffer(reader.read(count * 16, _always), dtype="<u8").reshape(count, 2)
-        offsets, lengths = ranges[:, 0], ranges[:, 1]
+        pairs = reader.read(count * 16, _always)
         writing = op is FrameOp.WRITEV
-        if (count and lengths.max() > length) or int(lengths.sum()) != length:
-            raise ProtocolError(f"ranges do not add up to {length} bytes", peer=reader.peer)
+        segment = self._lookup(name)
         try:
-            segment = self._segment(name)
-            size = segment.size_bytes
-            outside = (offsets > size) | (lengths > size - np.minimum(offsets, size))
-            if outside.any():
-                i = int(np.flatnonzero(outside)[0])
-                raise OutOfBounds(
-                    name,
-                    offset=int(offsets[i]),
-                    length=int(lengths[i]),
-                    size_bytes=size,
-                    op="write" if writing else "read",
-                )
-            if writing and segment.readonly:
-                raise SegmentReadOnly(name)
+            checked = _checked_vector(
+                pairs, length, segment, name=name, writing=writing, peer=reader.peer
+            )
+        except ProtocolError:
+            raise
         except TransferError as exc:
             if writing:
                 reader.skip(length, _always)  # keep the stream in step
             replies.add(error_frame(request_id, exc))
             return
-        if segment.host is not None:
-            # No Python object per range: one native call moves the frame (issue #3).
-            ranges = Ranges(segment.host, offsets, lengths, address=segment.address)
+        if isinstance(checked, Ranges):  # host memory: one native call moves the frame
             if writing:
                 replies.flush_reads()
-                reader.read_ranges(ranges, _always)
+                reader.read_ranges(checked, _always)
             else:
                 replies.add(
-                    [pack(FrameOp.OK, request_id, length=length), ranges], read=True, ranges=True
+                    [pack(FrameOp.OK, request_id, length=length), checked], read=True, ranges=True
                 )
-        else:  # CUDA: one host staging buffer for the whole vector
-            pairs = list(zip(offsets.tolist(), lengths.tolist(), strict=True))
-            staging = np.empty(length, dtype=np.uint8)
-            # Python ints: numpy would promote [0] + uint64 sums to float64, unusable as slices.
-            starts = list(itertools.accumulate((n for _, n in pairs), initial=0))[:-1]
-            if writing:
-                reader.read_into(staging.data, _always)
-                for (o, n), s in zip(pairs, starts, strict=True):
-                    copy_region(segment.cuda[o : o + n], staging[s : s + n])
-            else:
-                for (o, n), s in zip(pairs, starts, strict=True):
-                    copy_region(staging[s : s + n], segment.cuda[o : o + n])
-                replies.add([pack(FrameOp.OK, request_id, length=length), staging.data], read=True)
+        else:
+            assert segment is not None  # _checked_vector raised SegmentNotFound otherwise
+            self._vector_slow(
+                reader, replies, request_id, segment, checked, writing=writing, length=length
+            )
         if writing:
             replies.add([pack(FrameOp.OK, request_id)])
         (_metrics.SERVED_WRITE if writing else _metrics.SERVED_READ).inc(length)
+
+    @staticmethod
+    def _vector_slow(
+        reader: FrameReader,
+        replies: _Replies,
+        request_id: int,
+        segment: LocalSegment,
+        ranges: tuple[np.ndarray, np.ndarray],
+        *,
+        writing: bool,
+        length: int,
+    ) -> None:
+        """A checked vectored frame (offsets, lengths) without the native library, or on a
+        CUDA segment."""
+        offsets, lengths = ranges
+        if segment.host is not None:  # no native library: one memoryview per range
+            memory = segment.host.data
+            views = [
+                memory[o : o + n] for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True)
+            ]
+            if writing:
+                replies.flush_reads()
+                reader.read_into_many(views, _always)
+            else:
+                replies.add([pack(FrameOp.OK, request_id, length=length), *views], read=True)
+            return
+        # CUDA: one host staging buffer for the whole vector
+        pairs = list(zip(offsets.tolist(), lengths.tolist(), strict=True))
+        staging = np.empty(length, dtype=np.uint8)
+        # Python ints: numpy would promote [0] + uint64 sums to float64, unusable as slices.
+        starts = list(itertools.accumulate((n for _, n in pairs), initial=0))[:-1]
+        if writing:
+            reader.read_into(staging.data, _always)
+            for (o, n), s in zip(pairs, starts, strict=True):
+                copy_region(segment.cuda[o : o + n], staging[s : s + n])
+        else:
+            for (o, n), s in zip(pairs, starts, strict=True):
+                copy_region(staging[s : s + n], segment.cuda[o : o + n])
+            replies.add([pack(FrameOp.OK, request_id, length=length), staging.data], read=True)
+
+
+def _checked_vector(
+    pairs: bytes,
+    length: int,
+    segment: LocalSegment | None,
+    *,
+    name: str,
+    writing: bool,
+    peer: str,
+) -> Ranges | tuple[np.ndarray, np.ndarray]:
+    """A vectored frame's range table checked against its segment: as Ranges for host memory
+    (one native pass, issue #3), else as (offsets, lengths). ProtocolError for a malformed
+    table, else the request's own error."""
+    native = _native.load()
+    if segment is None or segment.host is None or native is None:
+        return _checked_pairs(pairs, length, segment, name=name, writing=writing, peer=peer)
+    checked = native.check_wire(
+        pairs, frame_length=length, base=segment.address, size=segment.size_bytes
+    )
+    if isinstance(checked, int):
+        raise _wire_error(checked, pairs, length, segment, writing=writing, peer=peer)
+    if writing and segment.readonly:
+        raise SegmentReadOnly(name)
+    return Ranges(segment.host, *checked, address=segment.address, nbytes=length)
+
+
+def _checked_pairs(
+    pairs: bytes,
+    length: int,
+    segment: LocalSegment | None,
+    *,
+    name: str,
+    writing: bool,
+    peer: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A vectored frame's (offsets, lengths), checked with numpy (see TcpServer._vector):
+    ProtocolError for a malformed table, else the request's own error."""
+    ranges = np.frombuffer(pairs, dtype="<u8").reshape(-1, 2)
+    offsets, lengths = ranges[:, 0], ranges[:, 1]
+    if (len(ranges) and lengths.max() > length) or int(lengths.sum()) != length:
+        raise ProtocolError(f"ranges do not add up to {length} bytes", peer=peer)
+    if segment is None:
+        raise SegmentNotFound(name)
+    size = segment.size_bytes
+    outside = (offsets > size) | (lengths > size - np.minimum(offsets, size))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise OutOfBounds(
+            name,
+            offset=int(offsets[i]),
+            length=int(lengths[i]),
+            size_bytes=size,
+            op="write" if writing else "read",
+        )
+    if writing and segment.readonly:
+        raise SegmentReadOnly(name)
+    return offsets.astype(np.int64), lengths.astype(np.int64)
+
+
+def _wire_error(
+    status: int, pairs: bytes, length: int, segment: LocalSegment, *, writing: bool, peer: str
+) -> TransferError:
+    """The error of a frame kvstack_check_wire refused with ``status``."""
+    if status == -1:
+        return ProtocolError(f"ranges do not add up to {length} bytes", peer=peer)
+    offset, n = struct.unpack_from("<QQ", pairs, 16 * (-2 - status))
+    return OutOfBounds(
+        segment.name,
+        offset=offset,
+        length=n,
+        size_bytes=segment.size_bytes,
+        op="write" if writing else "read",
+    )
 
 
 class _Replies:
@@ -454,43 +547,49 @@ class _VecPart:
         reader.read_into_many([p.view for p in self.parts], self.expired)
 
 
+class PagePlan(NamedTuple):
+    """A page batch laid out for tcp frames (NativeCopier.plan_pages, or ``PagePlan.of``)."""
+
+    wire: memoryview  # each request's (remote offset, length) as little-endian u64 pairs
+    addresses: np.ndarray  # int64: the address of each request's local bytes
+    total: int  # bytes of the whole batch
+    uniform: int = 0  # every request's length, when they are all one (0: they differ)
+
+    @staticmethod
+    def of(pages: Pages) -> PagePlan:
+        """The plan of checked pages, computed with numpy (the path without plan_pages)."""
+        wire = np.stack((pages.remote_offsets, pages.lengths), axis=1).astype("<u8")
+        return PagePlan(
+            wire.data.cast("B"),
+            pages.local_offsets + pages.local.address,
+            int(pages.lengths.sum()),
+        )
+
+
 class _PageVec:
     """A slice [start, stop) of a Pages batch in one READV/WRITEV frame (no per-page objects)."""
 
-    __slots__ = (
-        "batch",
-        "deadline",
-        "length",
-        "local",
-        "name",
-        "op",
-        "ranges",
-        "start",
-        "stop",
-    )
+    __slots__ = ("batch", "deadline", "length", "local", "name", "op", "ranges", "start", "stop")
 
     def __init__(
-        self,
-        batch: Batch,
-        pages: Pages,
-        start: int,
-        stop: int,
-        *,
-        memory: np.ndarray,
-        table: np.ndarray,
+        self, batch: Batch, pages: Pages, start: int, stop: int, *, plan: PagePlan
     ) -> None:
         self.batch = batch
         self.op = pages.op
         self.name = pages.route.remote.name.encode()
         self.start, self.stop = start, stop
+        local = pages.local
+        assert local.host is not None  # submit_pages refuses other segments
+        lengths = pages.lengths[start:stop]
         self.local = Ranges(
-            memory,
-            pages.local_offsets[start:stop],
-            pages.lengths[start:stop],
-            address=pages.local.address,
+            local.host,
+            plan.addresses[start:stop],
+            lengths,
+            address=local.address,
+            nbytes=(stop - start) * plan.uniform if plan.uniform else int(lengths.sum()),
         )
         self.length = self.local.nbytes
-        self.ranges = table[start:stop]  # the wire's (offset, length) pairs of these pages
+        self.ranges = plan.wire[16 * start : 16 * stop]  # the wire's (offset, length) pairs
         self.deadline = batch._deadline_of(start)  # Pages batches carry no per-request timeouts
 
     def finish(self, error: TransferError | None) -> None:
@@ -506,7 +605,7 @@ class _PageVec:
         op = FrameOp.READV if self.op is Op.READ else FrameOp.WRITEV
         count = self.stop - self.start
         head = pack(op, request_id, name=self.name, offset=count, length=self.length)
-        frames: list[Any] = [head, self.name, self.ranges.tobytes()]
+        frames: list[Any] = [head, self.name, self.ranges]
         if self.op is Op.WRITE:
             frames.append(self.local)
         return frames
@@ -808,37 +907,30 @@ class TcpTransport:
         work.split(len(starts))
         return [_Part(work, view[s : s + stripe], r.remote_offset + s) for s in starts]
 
-    def submit_pages(self, batch: Batch, pages: Pages) -> None:
+    def submit_pages(self, batch: Batch, pages: Pages, plan: PagePlan | None = None) -> None:
         """Send a bounds-checked run of host pages, each at most ``page_max_bytes``, as
         vectored frames spread over the connections; each frame's pages finish together.
+        ``plan``: the frames' layout, if the caller made it already (Engine's native path).
 
         Raises (nothing sent) the error of connecting, if no connection to the peer is up.
         """
-        memory = pages.local.host
-        if memory is None:
+        if pages.local.host is None:
             raise InvalidRequest(f"segment {pages.local.name!r} is not host memory")
         conns = self._conns(pages.route.remote)
-        total = pages.route.totals[1]
-        conns = conns[: max(1, min(len(conns), total // _PAGE_BYTES_PER_CONN))]
+        if plan is None:
+            plan = PagePlan.of(pages)
+        conns = conns[: max(1, min(len(conns), plan.total // _PAGE_BYTES_PER_CONN))]
         n = len(pages.lengths)
         share = -(-n // len(conns))
-        table = np.stack((pages.remote_offsets, pages.lengths), axis=1).astype("<u8")
         jobs: list[tuple[_Conn, list[_PageVec]]] = []
         for c, conn in enumerate(conns):
             units = [
-                _PageVec(
-                    batch,
-                    pages,
-                    start,
-                    min(start + _VEC_MAX, (c + 1) * share, n),
-                    memory=memory,
-                    table=table,
-                )
+                _PageVec(batch, pages, start, min(start + _VEC_MAX, (c + 1) * share, n), plan=plan)
                 for start in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
             ]
             if units:
                 jobs.append((conn, units))
-        parallel = pages.op is Op.WRITE and total >= _PARALLEL_PAGES_BYTES
+        parallel = pages.op is Op.WRITE and plan.total >= _PARALLEL_PAGES_BYTES
         futures = [self._send_pool().submit(_send, *job) for job in jobs[1:]] if parallel else []
         for conn, units in jobs[:1] if futures else jobs:
             _send(conn, units)
