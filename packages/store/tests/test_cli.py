@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -87,3 +90,28 @@ def test_node_refuses_more_memory_than_the_host_has(cluster: Cluster) -> None:
     assert done.returncode == 1, done.stderr
     assert f"kvstack-store node: cannot commit {too_big} bytes of shared memory" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_master_stops_cleanly_on_ctrl_c_with_connections_open() -> None:
+    """Ctrl-C with a client's metadata connection still open: a clean exit, no asyncio
+    "Exception in callback" traceback (the handler used to be cancelled under the loop)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstack.store", "--log-level", "WARNING", "master", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.search(r"metadata http://([\d.]+):(\d+)", line)
+        assert found, line
+        with socket.create_connection((found[1], int(found[2])), timeout=10) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(1024).startswith(b"HTTP/1.1 200")  # served, kept open
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "Exception in callback" not in stderr

@@ -48,6 +48,9 @@ class MetadataServer:
         self._token = token
         self._entries: dict[str, tuple[str, str, float]] = {}  # name -> (json, owner, expires)
         self._server: asyncio.Server | None = None
+        # Open connections' handlers, so that close() ends them itself: a handler the loop
+        # cancels at exit makes asyncio log "Exception in callback" with a traceback on 3.11.
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
@@ -64,12 +67,33 @@ class MetadataServer:
             await server.serve_forever()
 
     async def close(self) -> None:
+        """Stop listening and end every open connection (idle clients keep theirs open)."""
         if self._server is not None:
             self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._serve_requests(reader, writer)
+        except asyncio.CancelledError:
+            # close() ended this connection: finish normally, so that asyncio's stream
+            # callback finds a result, not a cancellation to log.
+            pass
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+            writer.close()
+
+    async def _serve_requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             while True:
                 try:
@@ -96,8 +120,6 @@ class MetadataServer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             logger.debug("metadata connection dropped: %s", exc)
-        finally:
-            writer.close()
 
     async def _reply(self, writer: asyncio.StreamWriter, status: int, payload: bytes) -> None:
         head = (
