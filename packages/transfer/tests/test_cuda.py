@@ -56,6 +56,37 @@ def test_gpu_segment_with_host_buffer(
     assert (check == 5).all()
 
 
+def test_page_batch_to_a_gpu_segment_over_tcp(
+    engine: Engine, start_peer: Callable[..., PeerProcess]
+) -> None:
+    # Vectored frames into and out of a peer's GPU memory: the peer stages each frame's pages
+    # through one host buffer (TcpServer._vector_slow).
+    start_peer(f"gpu-pages:{4 * MiB}:cuda:34")
+    host = engine.allocate("host-pages", 4 * MiB)
+    rng = np.random.default_rng(35)
+    slot = 16 << 10
+    local_offsets = rng.choice(256, 96, replace=False) * slot + rng.integers(0, 64, 96)
+    remote_offsets = rng.choice(256, 96, replace=False) * slot + rng.integers(0, 64, 96)
+    lengths = rng.integers(1, slot - 64, 96)
+    remote = random_bytes(34, 4 * MiB)
+    engine.transfer_pages(
+        Op.READ, "host-pages", "gpu-pages", local_offsets=local_offsets,
+        remote_offsets=remote_offsets, lengths=lengths, transport="tcp",
+    )  # fmt: skip
+    for lo, ro, n in zip(local_offsets, remote_offsets, lengths, strict=True):
+        np.testing.assert_array_equal(host[lo : lo + n], remote[ro : ro + n])
+    host[:] = rng.integers(0, 256, 4 * MiB, dtype=np.uint8)
+    engine.transfer_pages(
+        Op.WRITE, "host-pages", "gpu-pages", local_offsets=local_offsets,
+        remote_offsets=remote_offsets, lengths=lengths, transport="tcp",
+    )  # fmt: skip
+    back = np.zeros(4 * MiB, dtype=np.uint8)
+    engine.read_into_tensor(back, "gpu-pages", transport="tcp")
+    for lo, ro, n in zip(local_offsets, remote_offsets, lengths, strict=True):
+        remote[ro : ro + n] = host[lo : lo + n]
+    np.testing.assert_array_equal(back, remote)
+
+
 def test_local_gpu_tensor_to_host_peer_over_tcp_and_shm(
     engine: Engine, start_peer: Callable[..., PeerProcess]
 ) -> None:
