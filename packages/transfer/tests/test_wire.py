@@ -6,12 +6,15 @@ import contextlib
 import json
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from kvstack.transfer import AuthenticationFailed, Engine, EngineConfig
+from kvstack.transfer import AuthenticationFailed, Engine, EngineConfig, _native, _tcp
 from kvstack.transfer._framing import HEADER, FrameOp, pack
+from kvstack.transfer._native import NativeCopier
 from kvstack.transfer._peer import PeerProcess
 
 TIMEOUT_S = 30.0
@@ -96,6 +99,137 @@ def test_vectored_frames_are_bounds_checked_as_a_whole(copy_path: str, server: E
         op, _, payload = _reply(sock)
         assert op is FrameOp.ERROR
         assert json.loads(payload)["type"] == "ProtocolError"
+
+
+def _writev(
+    sock: socket.socket, request_id: int, name: bytes, ranges: list[tuple[int, bytes]]
+) -> None:
+    table = b"".join(struct.pack("<2Q", offset, len(data)) for offset, data in ranges)
+    payload = b"".join(data for _, data in ranges)
+    head = pack(FrameOp.WRITEV, request_id, name=name, offset=len(ranges), length=len(payload))
+    sock.sendall(head + name + table + payload)
+
+
+def test_writev_frames_after_the_first_are_served_natively(
+    copy_path: str, server: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first WRITEV into a segment goes through Python; later ones on that connection are
+    # received and answered by one native call each, the other frames still by Python.
+    statuses: list[int] = []
+    serve_writev = NativeCopier.serve_writev
+
+    def spy(self: NativeCopier, *args: Any, **kwargs: Any) -> int:
+        statuses.append(serve_writev(self, *args, **kwargs))
+        return statuses[-1]
+
+    monkeypatch.setattr(NativeCopier, "serve_writev", spy)
+    seg = server.array("seg")
+    with _connect(server.address) as sock:
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        for i in range(4):
+            _writev(sock, 10 + i, b"seg", [(100 * i, b"ab"), (100 * i + 50, bytes([i]) * 3)])
+            assert _reply(sock) == (FrameOp.OK, 10 + i, b"")
+        # Then a READ on the same connection (punted to Python), and more WRITEVs.
+        sock.sendall(pack(FrameOp.READ, 20, name=b"seg", offset=300, length=5) + b"seg")
+        assert _reply(sock) == (FrameOp.OK, 20, b"ab\x00\x00\x00")
+        _writev(sock, 21, b"seg", [(900, b"xyz")])
+        assert _reply(sock) == (FrameOp.OK, 21, b"")
+    for i in range(4):
+        assert bytes(seg[100 * i : 100 * i + 2]) == b"ab"
+        assert bytes(seg[100 * i + 50 : 100 * i + 53]) == bytes([i]) * 3
+    assert bytes(seg[900:903]) == b"xyz"
+    if copy_path == "native":
+        # The native call replies before it returns: wait for the one that sees the close.
+        deadline = time.monotonic() + TIMEOUT_S
+        while _native.SERVE_EOF not in statuses and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # frames 2-4 and the last one; the READ punted to Python; then the close
+        assert statuses == [_native.SERVE_DONE] * 3 + [_native.SERVE_PUNT] + [
+            _native.SERVE_DONE,
+            _native.SERVE_EOF,
+        ]
+    else:
+        assert statuses == []
+
+
+def test_native_writev_server_refuses_what_python_refuses(copy_path: str, server: Engine) -> None:
+    # Once a connection serves WRITEVs natively, a bad frame still gets Python's error and
+    # changes no byte; a withdrawn segment is never written again, not even through the old
+    # mapping; a re-registered one is checked against its new size.
+    seg = server.array("seg")
+    with _connect(server.address) as sock:
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        for request_id in (1, 2):
+            _writev(sock, request_id, b"seg", [(0, b"ok")])
+            assert _reply(sock)[:2] == (FrameOp.OK, request_id)
+        _writev(sock, 3, b"seg", [(0, b"no"), (999, b"no")])  # the second runs past the end
+        op, _, payload = _reply(sock)
+        assert op is FrameOp.ERROR
+        assert json.loads(payload)["type"] == "OutOfBounds"
+        assert bytes(seg[:2]) == b"ok"
+        server.unregister("seg")
+        _writev(sock, 4, b"seg", [(0, b"no")])
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "SegmentNotFound")
+        assert bytes(seg[:2]) == b"ok"
+        server.register("seg", bytearray(10))
+        _writev(sock, 5, b"seg", [(8, b"no!")])
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "OutOfBounds")
+        _writev(sock, 6, b"seg", [(7, b"new")])
+        assert _reply(sock)[:2] == (FrameOp.OK, 6)
+        assert bytes(server.array("seg")[7:10]) == b"new"
+        # Ranges that do not add up: a protocol error, and the connection is closed.
+        sock.sendall(
+            pack(FrameOp.WRITEV, 7, name=b"seg", offset=1, length=3)
+            + b"seg" + struct.pack("<2Q", 0, 2) + b"abc"
+        )  # fmt: skip
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "ProtocolError")
+        with contextlib.suppress(ConnectionError):
+            assert sock.recv(1) == b""
+    assert bytes(seg[:2]) == b"ok"
+
+
+def test_native_writev_server_survives_a_client_dying_mid_frame(
+    copy_path: str, server: Engine
+) -> None:
+    seg = server.array("seg")
+    with _connect(server.address) as sock:
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        _writev(sock, 1, b"seg", [(0, b"one")])
+        assert _reply(sock)[:2] == (FrameOp.OK, 1)
+        head = pack(FrameOp.WRITEV, 2, name=b"seg", offset=1, length=100)
+        sock.sendall(head + b"seg" + struct.pack("<2Q", 0, 100) + b"x" * 40)  # then gone
+    with _connect(server.address) as sock:  # the server serves the next client
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        _writev(sock, 1, b"seg", [(500, b"two")])
+        assert _reply(sock)[:2] == (FrameOp.OK, 1)
+    assert bytes(seg[500:503]) == b"two"
+
+
+def test_a_client_stalling_mid_writev_is_dropped(
+    copy_path: str, server: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half a page sent, then silence with the connection open: the server gives up on it
+    # after its stall time (60 s; 0.5 s here), natively served or not, and stays up.
+    monkeypatch.setattr(_tcp, "_SERVER_STALL_S", 0.5)
+    with _connect(server.address) as sock:
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        _writev(sock, 1, b"seg", [(0, b"one")])  # after this one, natively served
+        assert _reply(sock)[:2] == (FrameOp.OK, 1)
+        head = pack(FrameOp.WRITEV, 2, name=b"seg", offset=1, length=100)
+        sock.sendall(head + b"seg" + struct.pack("<2Q", 0, 100) + b"x" * 40)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            while sock.recv(4096):  # an error frame may come first, then the close
+                pass
+        assert time.monotonic() - started < TIMEOUT_S
+    # (The 40 bytes that came were received straight into the segment: the request failed.)
+    with _connect(server.address) as sock:
+        assert _hello(sock, b"s3cret")[0] is FrameOp.OK
+        _writev(sock, 1, b"seg", [(500, b"two")])
+        assert _reply(sock)[:2] == (FrameOp.OK, 1)
 
 
 def test_wrong_token_is_refused(server: Engine) -> None:

@@ -4,6 +4,7 @@
  *   kvstack_copy_pages   check a page batch's columns against both segments, then copy it
  *   kvstack_plan_pages   check them, and lay out a tcp page batch's frames
  *   kvstack_check_wire   check a received tcp frame's range table against a segment
+ *   kvstack_serve_writev serve one tcp WRITEV frame (a page batch's) from socket to segment
  *   kvstack_hash_ranges  KVH-64 digest of each range, copying it on the way if asked
  *   kvstack_send_ranges  send ranges on a socket (one tcp frame's pages)
  *   kvstack_recv_ranges  receive into ranges from a socket
@@ -23,8 +24,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #if defined(__x86_64__)
 #include <emmintrin.h> /* SSE2: every x86-64 has it */
 #endif
@@ -857,4 +860,149 @@ int kvstack_recv_ranges(int fd, const int64_t *addresses, const int64_t *lengths
         *done += got;
     }
     return 0;
+}
+
+/* ---- serving WRITEV frames ---------------------------------------------------------------
+ *
+ * The tcp server's page-batch path, issue #3: on the H100 machines a WRITEV frame waited
+ * 100-240 us between its bytes arriving and the peer's Python thread starting to receive
+ * them (a wake-up, then ~20 Python steps run cold, one connection's thread at a time under
+ * the GIL). Here a connection's thread waits for its next frame and, if it is a WRITEV into a
+ * segment it already knows, checks it, receives its pages and replies OK without the GIL.
+ *
+ * Anything else is handed back to Python ("punted") with the bytes read so far, which Python
+ * then handles as before: other ops, unknown segments, bad frames (Python names the error),
+ * and every frame after the segment table changed (`*generation` != `expected`: a segment was
+ * withdrawn, so Python re-checks the names first). `segments` holds n rows (base address, size,
+ * read-only, offset of the name in `names`, name length); Python keeps the memory mapped for
+ * the whole call. `scratch` must hold SERVE_SCRATCH bytes. */
+/* The wire format of _framing.py: its HEADER ("<4sBBHQQQ", magic b"KVTE", VERSION 1), FrameOp
+ * values, _MAX_NAME_BYTES and _tcp._VEC_MAX; _native.SERVE_SCRATCH repeats the sum. */
+#define SERVE_SCRATCH (32 + 4096 + 16 * 1024)
+#define FRAME_HEADER 32
+#define OP_WRITEV 7
+#define OP_OK 4
+enum { SERVE_DONE = 0, SERVE_PUNT = 1, SERVE_IDLE = 2, SERVE_EOF = 3, SERVE_STALL = 4 };
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Read exactly n bytes into buf, starting `*got` bytes in. Returns SERVE_DONE, SERVE_EOF,
+ * SERVE_STALL (the socket's timeout tick passed) or -errno. */
+static int read_exact(int fd, char *buf, int64_t n, int64_t *got)
+{
+    while (*got < n) {
+        ssize_t k = recv(fd, buf + *got, (size_t)(n - *got), 0);
+        if (k == 0)
+            return SERVE_EOF;
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? SERVE_STALL : -errno;
+        }
+        *got += k;
+    }
+    return SERVE_DONE;
+}
+
+/* out[0]: DONE: the payload's bytes; PUNT: the bytes left in scratch for Python. out[1]: the
+ * request id (DONE). Returns a SERVE_* status or -errno. */
+int64_t kvstack_serve_writev(int fd, const int64_t *segments, int64_t n, const char *names,
+                             const volatile int64_t *generation, int64_t expected, char *scratch,
+                             int64_t poll_ns, int64_t *out)
+{
+    int64_t got = 0;
+    out[0] = 0;
+    /* Idle: poll for the next frame a while (a sleeping thread is woken late), then block. */
+    int64_t until = now_ns() + poll_ns;
+    for (;;) {
+        ssize_t k = recv(fd, scratch, FRAME_HEADER, MSG_DONTWAIT);
+        if (k > 0) {
+            got = k;
+            break;
+        }
+        if (k == 0)
+            return SERVE_EOF;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return -errno;
+        if (now_ns() >= until)
+            break;
+        sched_yield(); /* the peer may be queued on this very CPU: let it run */
+    }
+    if (got == 0) {
+        ssize_t k = recv(fd, scratch, FRAME_HEADER, 0);
+        if (k == 0)
+            return SERVE_EOF;
+        if (k < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? SERVE_IDLE : -errno;
+        got = k;
+    }
+    int status = read_exact(fd, scratch, FRAME_HEADER, &got);
+    if (status != SERVE_DONE)
+        return status;
+    out[0] = got;
+    uint8_t version = (uint8_t)scratch[4], op = (uint8_t)scratch[5];
+    uint16_t name_len;
+    uint64_t request_id, count, length;
+    memcpy(&name_len, scratch + 6, 2);
+    memcpy(&request_id, scratch + 8, 8);
+    memcpy(&count, scratch + 16, 8);
+    memcpy(&length, scratch + 24, 8);
+    if (memcmp(scratch, "KVTE", 4) != 0 || version != 1 || op != OP_WRITEV || name_len > 4096 ||
+        count > 1024 || length > ((uint64_t)1 << 48))
+        return SERVE_PUNT;
+    status = read_exact(fd, scratch, FRAME_HEADER + name_len, &got);
+    out[0] = got;
+    if (status != SERVE_DONE)
+        return status;
+    const int64_t *seg = NULL;
+    for (int64_t i = 0; i < n && seg == NULL; i++) {
+        const int64_t *row = segments + 5 * i;
+        if (row[4] == name_len && memcmp(names + row[3], scratch + FRAME_HEADER, name_len) == 0)
+            seg = row;
+    }
+    if (seg == NULL || seg[2] /* read-only */)
+        return SERVE_PUNT;
+    char *table = scratch + FRAME_HEADER + name_len;
+    status = read_exact(fd, scratch, FRAME_HEADER + name_len + (int64_t)count * 16, &got);
+    out[0] = got;
+    if (status != SERVE_DONE)
+        return status;
+    if (*generation != expected) /* a segment was withdrawn meanwhile: Python re-checks */
+        return SERVE_PUNT;
+    int64_t addresses[1024], lengths[1024];
+    if (kvstack_check_wire((const uint64_t *)(void *)table, (int64_t)count, (int64_t)length,
+                           seg[0], seg[1], addresses, lengths) != 0)
+        return SERVE_PUNT; /* Python names what is wrong */
+    int64_t done = 0;
+    for (;;) {
+        int r = kvstack_recv_ranges(fd, addresses, lengths, (int64_t)count, NULL, 0, &done);
+        if (r == 0)
+            break;
+        if (r == 1)
+            return SERVE_EOF;
+        if (r == -EINTR)
+            continue;
+        return r == -EAGAIN || r == -EWOULDBLOCK ? SERVE_STALL : r;
+    }
+    char reply[FRAME_HEADER] = {'K', 'V', 'T', 'E', 1, OP_OK, 0, 0};
+    memcpy(reply + 8, &request_id, 8);
+    memset(reply + 16, 0, 16);
+    int64_t sent = 0;
+    while (sent < FRAME_HEADER) {
+        ssize_t k = send(fd, reply + sent, (size_t)(FRAME_HEADER - sent), MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? SERVE_STALL : -errno;
+        }
+        sent += k;
+    }
+    out[0] = (int64_t)length;
+    out[1] = (int64_t)request_id;
+    return SERVE_DONE;
 }

@@ -293,6 +293,7 @@ class Engine:
             info = self._published.pop(name, None)
         if segment is None:
             raise SegmentNotFound(name, peer=self.address)
+        self._server.segment_withdrawn()
         if info is not None:
             try:
                 self._metadata.delete(name, owner=self.id)
@@ -400,6 +401,7 @@ class Engine:
         except BaseException:
             with self._lock:
                 self._segments.pop(name, None)
+            self._server.segment_withdrawn()
             raise
         with self._lock:
             self._published[name] = info

@@ -287,6 +287,18 @@ class FrameReader:
             except OSError:
                 return 0
 
+    def empty(self) -> bool:
+        """Whether no received bytes wait in the buffer."""
+        return self._start == self._end
+
+    def push_front(self, data: bytes) -> None:
+        """Put back bytes read from the socket by someone else (the native WRITEV server),
+        to be read first; only while the buffer is empty."""
+        if self._start != self._end or len(data) > len(self._buf):
+            raise ValueError("push_front needs an empty buffer large enough for the bytes")
+        self._view[: len(data)] = data
+        self._start, self._end = 0, len(data)
+
     def read(self, n: int, expired: Callable[[], bool]) -> bytes:
         """Exactly ``n`` bytes (n <= buffer size)."""
         while self._end - self._start < n:

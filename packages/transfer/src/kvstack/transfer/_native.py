@@ -48,6 +48,11 @@ class NativeUnavailable(Exception):
 _I64P = ctypes.POINTER(ctypes.c_int64)
 
 
+# kvstack_serve_writev's statuses and scratch size (see _copy.c).
+SERVE_DONE, SERVE_PUNT, SERVE_IDLE, SERVE_EOF, SERVE_STALL = range(5)
+SERVE_SCRATCH = 32 + 4096 + 16 * 1024
+
+
 def _int64s(values: np.ndarray) -> np.ndarray:
     # The C side reads n int64s from each pointer: never hand it another dtype or a strided
     # view (no copy, and no numpy call, when the array is already right).
@@ -87,6 +92,9 @@ class NativeCopier:
         self._check_wire = library.kvstack_check_wire
         self._check_wire.argtypes = (ctypes.c_char_p, i64, i64, i64, i64, vp, vp)
         self._check_wire.restype = i64
+        self._serve_writev = library.kvstack_serve_writev
+        self._serve_writev.argtypes = (c_int, vp, i64, ctypes.c_char_p, vp, i64, vp, i64, vp)
+        self._serve_writev.restype = i64
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
@@ -240,6 +248,46 @@ class NativeCopier:
         if status < 0:
             return status
         return out[:count], out[count:]
+
+    def serve_writev(
+        self,
+        fd: int,
+        segments: np.ndarray,
+        names: bytes,
+        *,
+        generation: int,
+        expected: int,
+        scratch: int,
+        poll_s: float,
+        out: np.ndarray,
+    ) -> int:
+        """Wait for the next frame on socket ``fd`` and serve it if it is a WRITEV into one of
+        ``segments`` (int64 rows: base address, size, read-only, offset of the name in
+        ``names``, its length). ``generation``: the address of an int64 that must still equal
+        ``expected`` before any byte is written; ``scratch``: the address of SERVE_SCRATCH
+        bytes; ``out``: two int64s (see SERVE_*). Returns a SERVE_* status; OSError on a
+        socket error. The caller keeps every segment's memory mapped during the call.
+        """
+        if not (segments.dtype == np.int64 and segments.flags.c_contiguous):
+            raise ValueError("segments must be contiguous int64 rows")
+        if not (out.dtype == np.int64 and out.size >= 2 and out.flags.c_contiguous):
+            raise ValueError("out must be two contiguous int64s")
+        status = int(
+            self._serve_writev(
+                fd,
+                segments.ctypes.data,
+                len(segments),
+                names,
+                generation,
+                expected,
+                scratch,
+                int(poll_s * 1e9),
+                out.ctypes.data,
+            )
+        )
+        if status < 0:
+            raise OSError(-status, os.strerror(-status))
+        return status
 
     def hash_ranges(
         self,

@@ -97,6 +97,8 @@ _PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel soo
 # 256 pages after a 64 MiB write took 0.9-1.3 ms on 2 connections, 1.1-1.6 on 4, 1.6-2.5 on 8
 # (H100 machine; 2-core box 1.2-1.7, 2.1, 2.5-3.6 ms).
 _PAGE_BYTES_PER_CONN = 2 << 20
+# A served connection serves WRITEVs natively into at most this many segments it has seen.
+_KNOWN_MAX = 64
 # Coalesced replies are sent once this many bytes wait (READ data starts flowing early).
 _FLUSH_BYTES = 256 << 10
 _MAX_TOKEN_BYTES = 4096
@@ -130,6 +132,9 @@ class TcpServer:
         self._token = token.encode() if token else None
         self._owner = owner
         self._lookup = lookup
+        # Counts withdrawn segments: a connection serving WRITEVs natively re-checks the
+        # segments it knows when this moves (see _KnownSegments).
+        self._generation = np.zeros(1, dtype=np.int64)
         self._listener = socket.create_server((host, port), backlog=128)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._conns: set[socket.socket] = set()
@@ -139,6 +144,11 @@ class TcpServer:
             target=self._accept_loop, name=f"kvstack-transfer-accept-{self.address}", daemon=True
         )
         self._thread.start()
+
+    def segment_withdrawn(self) -> None:
+        """Call after a segment stops being served: no later frame is written into it."""
+        with self._lock:
+            self._generation[0] += 1
 
     def close(self) -> None:
         with self._lock:
@@ -176,9 +186,13 @@ class TcpServer:
         set_tick(conn, _SERVER_STALL_S)
         replies = _Replies(conn, peer)
         reader = FrameReader(conn, peer=peer, on_idle=replies.flush, poll_s=_SERVER_POLL_S)
+        native = _native.load()
+        known = _KnownSegments(self._lookup, self._generation) if native is not None else None
         try:
             self._hello(conn, peer, reader)
             while True:
+                if native is not None and known is not None and known and reader.empty():
+                    self._serve_native(conn, reader, replies, native, known)
                 header = reader.read(HEADER.size, _never)
                 op, name_len, request_id, offset, length = unpack(header, peer=peer)
                 if length > _MAX_FRAME_BYTES:  # never drain or allocate for such a frame
@@ -191,9 +205,11 @@ class TcpServer:
                         reader, replies, request_id, name=name, offset=offset, length=length
                     )
                 elif op is FrameOp.READV or op is FrameOp.WRITEV:
-                    self._vector(
+                    written = self._vector(
                         reader, replies, op, request_id, name=name, count=offset, length=length
                     )
+                    if written is not None and known is not None:
+                        known.learn(name, written)
                 else:
                     raise ProtocolError(f"unexpected {op.name} frame {header!r}", peer=peer)
         except ProtocolError as exc:
@@ -207,6 +223,45 @@ class TcpServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _serve_native(
+        self,
+        conn: socket.socket,
+        reader: FrameReader,
+        replies: _Replies,
+        native: _native.NativeCopier,
+        known: _KnownSegments,
+    ) -> None:
+        """Serve WRITEV frames into known segments without the GIL (kvstack_serve_writev) until
+        another frame comes: it is then in ``reader``, for the Python path."""
+        scratch = np.empty(_native.SERVE_SCRATCH, dtype=np.uint8)
+        out = np.zeros(2, dtype=np.int64)
+        fd = conn.fileno()
+        while True:
+            replies.flush()  # nothing owed while the native call waits
+            known.refresh()
+            status = native.serve_writev(
+                fd,
+                known.table,
+                known.names,
+                generation=self._generation.ctypes.data,
+                expected=known.expected,
+                scratch=scratch.ctypes.data,
+                poll_s=_SERVER_POLL_S,
+                out=out,
+            )
+            if status == _native.SERVE_DONE:
+                _metrics.SERVED_WRITE.inc(int(out[0]))
+            elif status == _native.SERVE_PUNT:
+                reader.push_front(scratch[: int(out[0])].tobytes())
+                return
+            elif status == _native.SERVE_EOF:
+                raise PeerUnavailable("connection closed", peer=reader.peer)
+            elif status == _native.SERVE_STALL:
+                raise ProtocolError(
+                    f"stalled mid-frame for {_SERVER_STALL_S:g} s", peer=reader.peer
+                )
+            # SERVE_IDLE: the socket's tick passed with no frame; wait again
 
     def _hello(self, conn: socket.socket, peer: str, reader: FrameReader) -> None:
         header = reader.read(HEADER.size, _always)
@@ -288,7 +343,8 @@ class TcpServer:
         name: str,
         count: int,
         length: int,
-    ) -> None:
+    ) -> LocalSegment | None:
+        """Serve a READV/WRITEV frame; returns the host segment a WRITEV wrote into."""
         if count > _VEC_MAX or length > _MAX_FRAME_BYTES:
             raise ProtocolError(
                 f"vectored frame of {count} ranges, {length} bytes", peer=reader.peer
@@ -306,7 +362,7 @@ class TcpServer:
             if writing:
                 reader.skip(length, _always)  # keep the stream in step
             replies.add(error_frame(request_id, exc))
-            return
+            return None
         if isinstance(checked, Ranges):  # host memory: one native call moves the frame
             if writing:
                 replies.flush_reads()
@@ -323,6 +379,7 @@ class TcpServer:
         if writing:
             replies.add([pack(FrameOp.OK, request_id)])
         (_metrics.SERVED_WRITE if writing else _metrics.SERVED_READ).inc(length)
+        return segment if writing and isinstance(checked, Ranges) else None
 
     @staticmethod
     def _vector_slow(
@@ -436,6 +493,56 @@ def _wire_error(
         size_bytes=segment.size_bytes,
         op="write" if writing else "read",
     )
+
+
+class _KnownSegments:
+    """The host segments one served connection has written WRITEV frames into, as the table
+    kvstack_serve_writev reads: later frames into them are served without the GIL. Holding
+    the segments keeps their memory mapped while the native call may write into it."""
+
+    def __init__(
+        self, lookup: Callable[[str], LocalSegment | None], generation: np.ndarray
+    ) -> None:
+        self._lookup = lookup
+        self._generation = generation
+        self.expected = int(generation[0])
+        self._segments: dict[str, LocalSegment] = {}
+        self.table = np.zeros((0, 5), dtype=np.int64)
+        self.names = b""
+
+    def __bool__(self) -> bool:
+        return bool(self._segments)
+
+    def learn(self, name: str, segment: LocalSegment) -> None:
+        if name not in self._segments and len(self._segments) < _KNOWN_MAX:
+            self._segments[name] = segment
+            self._rebuild()
+
+    def refresh(self) -> None:
+        """After a segment was withdrawn: keep only names that still serve the same segment."""
+        current = int(self._generation[0])
+        if current != self.expected:
+            self.expected = current
+            self._segments = {n: s for n, s in self._segments.items() if self._lookup(n) is s}
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        rows: list[tuple[int, int, int, int, int]] = []
+        names = bytearray()
+        for name, segment in self._segments.items():
+            encoded = name.encode()
+            rows.append(
+                (
+                    segment.address,
+                    segment.size_bytes,
+                    int(segment.readonly),
+                    len(names),
+                    len(encoded),
+                )
+            )
+            names += encoded
+        self.table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        self.names = bytes(names)
 
 
 class _Replies:
