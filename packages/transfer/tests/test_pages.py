@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from kvstack.transfer import (
     AsyncEngine,
+    BatchFailed,
     Engine,
     EngineConfig,
     InvalidRequest,
@@ -26,6 +29,7 @@ from kvstack.transfer import (
     TransferRequest,
     TransferTimeout,
     TransportUnavailable,
+    _tcp,
 )
 from kvstack.transfer._native import NativeCopier
 from kvstack.transfer._peer import PeerProcess, random_bytes
@@ -486,6 +490,82 @@ def test_out_of_bounds_keeps_index_and_fields(engine: Engine, peer: PeerProcess)
     assert error.size_bytes == SEG_BYTES
     assert error.op == "read"
     assert error.peer == peer.address
+
+
+@pytest.mark.parametrize("per_connection", [512 << 10, 4 * MiB], ids=["4-connections", "1"])
+def test_big_tcp_write_batches_go_out_at_once(
+    copy_path: str,
+    metadata_url: str,
+    peer: PeerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    per_connection: int,
+) -> None:
+    # A WRITE page batch of >= 1 MiB sends one frame per connection, all at once from the
+    # native copier's threads (or from pool threads without it); the peer gets every byte.
+    monkeypatch.setattr(_tcp, "_PAGE_BYTES_PER_CONN", per_connection)
+    sends: list[int] = []
+    send_parallel = NativeCopier.send_parallel
+
+    def spy(self: NativeCopier, units: np.ndarray, **kwargs: Any) -> None:
+        send_parallel(self, units, **kwargs)
+        sends.append(len(units))
+        assert not units[:, 6].any()  # every unit sent
+
+    monkeypatch.setattr(NativeCopier, "send_parallel", spy)
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        remote = random_bytes(PEER_SEED, SEG_BYTES)
+        rng = np.random.default_rng(36)
+        for round_ in range(3):
+            local[:] = random_bytes(50 + round_, SEG_BYTES)
+            slots = rng.choice(SEG_BYTES // SLOT, 128, replace=False)
+            offsets = slots * SLOT
+            engine.transfer_pages(
+                Op.WRITE, "local", "kv", local_offsets=offsets[::-1].copy(),
+                remote_offsets=offsets, lengths=SLOT, transport="tcp",
+            )  # fmt: skip
+            remote = _expected(remote, local, offsets, offsets[::-1], [SLOT] * 128)
+            assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
+    assert sends == ([4 if per_connection < MiB else 1] * 3 if copy_path == "native" else [])
+
+
+def test_killed_peer_fails_a_big_write_batch_within_the_deadline(
+    metadata_url: str, start_peer: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The frames of a 2 MiB WRITE go out at once on 4 connections to a frozen peer (they fill
+    # the socket buffers and wait); the peer dies: every page fails, nothing hangs.
+    monkeypatch.setattr(_tcp, "_PAGE_BYTES_PER_CONN", 512 << 10)
+    doomed = start_peer(f"doomed:{SEG_BYTES}:shm:1")
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        engine.allocate("local", SEG_BYTES)
+        offsets = np.arange(128) * SLOT
+        engine.transfer_pages(
+            Op.WRITE, "local", "doomed", local_offsets=offsets[:2], remote_offsets=offsets[:2],
+            lengths=SLOT, transport="tcp",
+        )  # fmt: skip
+        doomed.freeze()
+        done: list[BaseException | None] = []
+
+        def write() -> None:
+            try:
+                engine.transfer_pages(
+                    Op.WRITE, "local", "doomed", local_offsets=offsets, remote_offsets=offsets,
+                    lengths=SLOT, transport="tcp", timeout_s=WAIT_S,
+                )  # fmt: skip
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.5)  # the frames are out, or blocked in the socket buffers
+        doomed.kill()
+        writer.join(WAIT_S)
+        assert not writer.is_alive()
+    (error,) = done
+    assert isinstance(error, BatchFailed), error
+    assert set(error.failures) == set(range(128))
+    assert all(isinstance(e, PeerUnavailable) for e in error.failures.values())
 
 
 def test_killed_peer_fails_the_page_batch_within_the_deadline(

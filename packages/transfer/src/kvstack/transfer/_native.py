@@ -51,6 +51,8 @@ _I64P = ctypes.POINTER(ctypes.c_int64)
 # kvstack_serve_writev's statuses and scratch size (see _copy.c).
 SERVE_DONE, SERVE_PUNT, SERVE_IDLE, SERVE_EOF, SERVE_STALL = range(5)
 SERVE_SCRATCH = 32 + 4096 + 16 * 1024
+# int64s per unit of kvstack_send_parallel.
+SEND_UNIT = 7
 
 
 def _int64s(values: np.ndarray) -> np.ndarray:
@@ -95,6 +97,9 @@ class NativeCopier:
         self._serve_writev = library.kvstack_serve_writev
         self._serve_writev.argtypes = (c_int, vp, i64, ctypes.c_char_p, vp, i64, vp, i64, vp)
         self._serve_writev.restype = i64
+        self._send_parallel = library.kvstack_send_parallel
+        self._send_parallel.argtypes = (vp, i64, i64)
+        self._send_parallel.restype = None
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def copy_ranges(
@@ -288,6 +293,23 @@ class NativeCopier:
         if status < 0:
             raise OSError(-status, os.strerror(-status))
         return status
+
+    def send_parallel(self, units: np.ndarray, *, deadline: float) -> None:
+        """Send one frame on each of several sockets at once, on the copier's helper threads:
+        ``units`` is int64 [n, SEND_UNIT] (socket, head address, head length, page count, the
+        addresses of its page address and length arrays, status). Each unit's status becomes
+        0, -ETIMEDOUT (``deadline``, a time.monotonic() value, passed first) or -errno. The
+        caller keeps every buffer alive and owns each socket's sending during the call.
+        """
+        if not (
+            units.dtype == np.int64
+            and units.ndim == 2
+            and units.shape[1] == SEND_UNIT
+            and units.flags.c_contiguous
+        ):
+            raise ValueError(f"units must be contiguous int64 rows of {SEND_UNIT}")
+        # time.monotonic() is CLOCK_MONOTONIC on Linux, the clock the C side reads.
+        self._send_parallel(units.ctypes.data, len(units), int(deadline * 1e9))
 
     def hash_ranges(
         self,

@@ -22,10 +22,13 @@ stream is never reused) and fails what it carried.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hmac
 import itertools
 import json
 import logging
+import os
 import socket
 import struct
 import threading
@@ -92,11 +95,12 @@ _SERVER_POLL_S = 100e-6
 # Batches writing at least this much send from one thread per connection (see submit).
 _PARALLEL_SEND_BYTES = 8 << 20
 _PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel sooner
-# A page batch takes one connection per this many bytes (at most all of them). The peer checks
-# each vectored frame in Python, one connection's thread at a time (the GIL): a 4 MiB batch of
-# 256 pages after a 64 MiB write took 0.9-1.3 ms on 2 connections, 1.1-1.6 on 4, 1.6-2.5 on 8
-# (H100 machine; 2-core box 1.2-1.7, 2.1, 2.5-3.6 ms).
-_PAGE_BYTES_PER_CONN = 2 << 20
+# A page batch takes one connection per this many bytes (at most all of them). Its frames go
+# out at once (_send_at_once) and the peer serves them natively, so connections move bytes in
+# parallel: a 4 MiB batch of 256 pages after a 64 MiB write took 844-922 us on 4 connections,
+# 912-1058 on 2 (H200 machine; 2-core box: the same within noise). When the peer's Python
+# served every frame, more connections were slower.
+_PAGE_BYTES_PER_CONN = 1 << 20
 # A served connection serves WRITEVs natively into at most this many segments it has seen.
 _KNOWN_MAX = 64
 # Coalesced replies are sent once this many bytes wait (READ data starts flowing early).
@@ -729,6 +733,53 @@ def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
             unit.finish(exc)
 
 
+def _send_at_once(native: _native.NativeCopier, jobs: list[tuple[_Conn, _PageVec]]) -> None:
+    """Send one WRITEV frame on each connection at once, on the native copier's helper
+    threads (kvstack_send_parallel): no thread waits for the GIL to start its send (issue #3).
+    A connection another thread is sending on gets its frame queued there instead."""
+    claimed: list[tuple[_Conn, bytes, Ranges]] = []
+    for conn, unit in jobs:
+        try:
+            frames = conn.register([unit])
+        except TransferError as exc:
+            unit.finish(exc)
+            continue
+        if conn.claim():
+            # The header, name and range table as one buffer; the pages as ranges.
+            claimed.append((conn, b"".join(frames[:-1]), frames[-1]))
+        else:
+            conn._queue.append(frames)
+            conn.drain()
+    if not claimed:
+        return
+    units = np.array(
+        [
+            (
+                conn.sock.fileno(),
+                ctypes.cast(ctypes.c_char_p(head), ctypes.c_void_p).value or 0,
+                len(head),
+                len(ranges.lengths),
+                ranges.addresses.ctypes.data,
+                ranges.lengths.ctypes.data,
+                1,
+            )
+            for conn, head, ranges in claimed
+        ],
+        dtype=np.int64,
+    )
+    errors: list[BaseException | None] = [None] * len(claimed)
+    try:
+        native.send_parallel(units, deadline=min(unit.deadline for _, unit in jobs))
+        for i, status in enumerate(units[:, 6].tolist()):
+            if status == -errno.ETIMEDOUT:
+                errors[i] = TransferTimeout("sending", timeout_s=0.0, peer=claimed[i][0].peer)
+            elif status:
+                errors[i] = OSError(-status, os.strerror(-status))
+    finally:
+        for (conn, _, _), error in zip(claimed, errors, strict=True):
+            conn.unclaim(error)
+
+
 def _vectorize(parts: list[_Part]) -> list[_Part | _VecPart]:
     """Pack runs of small parts of one segment and op into vectored frames."""
     units: list[_Part | _VecPart] = []
@@ -842,6 +893,11 @@ class _Conn:
 
     def send(self, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
         """Queue the units' frames and push them out (here, or on the thread already sending)."""
+        self._queue.append(self.register(units))
+        self.drain()
+
+    def register(self, units: Sequence[_Part | _VecPart | _PageVec]) -> list[Any]:
+        """The units' frames, their requests now pending on this connection."""
         frames: list[Any] = []
         with self._lock:
             if not self.alive:
@@ -850,7 +906,10 @@ class _Conn:
                 request_id = next(self._ids)
                 self._pending[request_id] = unit
                 frames += unit.frames(request_id)
-        self._queue.append(frames)
+        return frames
+
+    def drain(self) -> None:
+        """Send what the queue holds, unless another thread is sending (it will)."""
         # Combining: whoever holds the send lock drains the queue; after releasing it, look again,
         # so frames queued while we sent are never stranded.
         while self._queue:
@@ -865,6 +924,27 @@ class _Conn:
                 self.fail(exc)
             finally:
                 self._send_lock.release()
+
+    def claim(self) -> bool:
+        """Become this socket's sender if nobody is sending and nothing waits in the queue:
+        the caller then writes its frames itself and calls ``unclaim``."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        if self._queue:
+            self._send_lock.release()
+            return False
+        return True
+
+    def unclaim(self, error: BaseException | None) -> None:
+        """End a ``claim``: fail the connection if the caller's send failed, then send what
+        others queued meanwhile."""
+        try:
+            if error is not None:
+                self._queue.clear()
+                self.fail(error)
+        finally:
+            self._send_lock.release()
+        self.drain()
 
     def _any_expired(self) -> bool:
         with self._lock:
@@ -1038,6 +1118,10 @@ class TcpTransport:
             if units:
                 jobs.append((conn, units))
         parallel = pages.op is Op.WRITE and plan.total >= _PARALLEL_PAGES_BYTES
+        native = _native.load()
+        if parallel and native is not None and all(len(units) == 1 for _, units in jobs):
+            _send_at_once(native, [(conn, units[0]) for conn, units in jobs])
+            return
         futures = [self._send_pool().submit(_send, *job) for job in jobs[1:]] if parallel else []
         for conn, units in jobs[:1] if futures else jobs:
             _send(conn, units)
