@@ -502,7 +502,9 @@ def _wire_error(
 class _KnownSegments:
     """The host segments one served connection has written WRITEV frames into, as the table
     kvstack_serve_writev reads: later frames into them are served without the GIL. Holding
-    the segments keeps their memory mapped while the native call may write into it."""
+    the segments keeps their memory mapped while the native call may write into it; a withdrawn
+    one is let go at the connection's next frame, or within the socket's tick (60 s) when idle.
+    """
 
     def __init__(
         self, lookup: Callable[[str], LocalSegment | None], generation: np.ndarray
