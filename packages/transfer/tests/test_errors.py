@@ -64,6 +64,10 @@ def test_out_of_bounds_of_a_page_batch_names_the_request() -> None:
 
 def test_builtin_bases() -> None:
     assert isinstance(TransferTimeout("x", timeout_s=1.0), TimeoutError)
+    # A socket step carrying several requests names no one timeout.
+    assert str(TransferTimeout("sending", timeout_s=0.0, peer="p:1")) == (
+        "sending did not complete before a request's deadline on peer p:1"
+    )
     assert isinstance(PeerUnavailable("x"), ConnectionError)
     assert isinstance(SegmentNotFound("x"), LookupError)
 

@@ -615,6 +615,43 @@ def test_killed_peer_fails_the_page_batch_within_the_deadline(
     np.testing.assert_array_equal(local[:MiB], random_bytes(2, MiB))
 
 
+def test_hung_peer_fails_a_batch_stuck_in_sending_by_its_deadline(
+    metadata_url: str, start_peer: Callable[..., PeerProcess]
+) -> None:
+    # 64 MiB of pages, 16 MiB per connection, to a frozen peer: the sends fill the socket
+    # buffers and block; at the deadline each fails, and the engine reconnects afterwards.
+    size = 64 * MiB
+    peer = start_peer(f"sleepy:{size}:shm:4")
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        local = engine.allocate("local", size)
+        offsets = np.arange(size // SLOT) * SLOT
+        engine.transfer_pages(
+            Op.WRITE, "local", "sleepy", local_offsets=offsets[:2], remote_offsets=offsets[:2],
+            lengths=SLOT, transport="tcp",
+        )  # fmt: skip
+        peer.freeze()
+        started = time.monotonic()
+        try:
+            with pytest.raises(BatchFailed) as failed:
+                engine.transfer_pages(
+                    Op.WRITE, "local", "sleepy", local_offsets=offsets, remote_offsets=offsets,
+                    lengths=SLOT, transport="tcp", timeout_s=0.5,
+                )  # fmt: skip
+            assert time.monotonic() - started < WAIT_S
+        finally:
+            peer.thaw()
+        errors = failed.value.failures
+        assert set(errors) == set(range(len(offsets)))
+        assert all(isinstance(e, TransferTimeout | PeerUnavailable) for e in errors.values())
+        local[:SLOT] = 9
+        engine.transfer_pages(
+            Op.WRITE, "local", "sleepy", local_offsets=[0], remote_offsets=[0], lengths=SLOT,
+            transport="tcp",
+        )  # fmt: skip
+        expected = np.full(SLOT, 9, dtype=np.uint8)
+        assert peer.command(f"hash sleepy 0 {SLOT}") == _sha(expected)
+
+
 def test_hung_peer_fails_each_page_by_its_deadline_then_recovers(
     engine: Engine, start_peer: Callable[..., PeerProcess]
 ) -> None:

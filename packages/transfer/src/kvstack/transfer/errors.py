@@ -166,13 +166,17 @@ class ProtocolError(PeerError):
 
 
 class TransferTimeout(TransferError, TimeoutError):
-    """A request's deadline passed before it completed."""
+    """A request's deadline passed before it completed.
+
+    ``timeout_s`` 0 means a socket step that carries several requests stopped at the first
+    deadline among them (there is no one timeout to name)."""
 
     def __init__(self, what: str, *, timeout_s: float, peer: str | None = None) -> None:
         self.what = what
         self.timeout_s = timeout_s
+        limit = f"within {timeout_s:g} s" if timeout_s > 0 else "before a request's deadline"
         self._keep(
-            f"{what} did not complete within {timeout_s:g} s{_on(peer)}",
+            f"{what} did not complete {limit}{_on(peer)}",
             peer,
             what=what,
             timeout_s=timeout_s,
