@@ -26,7 +26,11 @@ def ops(client: StoreClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real: Callable[..., dict[str, Any]] = client._master.call
 
     def call(op: Op, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        sent.append(op.name + ("+NEXT" if "next" in data else ""))
+        ahead = kwargs.get("ahead")
+        if ahead is not None:
+            sent.append(f"{op.name}+{ahead[0].name}x{len(ahead[1]['items'])}")
+        else:
+            sent.append(op.name)
         return real(op, data, **kwargs)
 
     monkeypatch.setattr(client._master, "call", call)
@@ -56,22 +60,22 @@ def test_repeated_sizes_take_one_round_trip(client: StoreClient, ops: list[str],
     values = _values(5, size, size)
     for i, value in enumerate(values):
         client.put(f"ahead/{size}/{i}", value)
-    # The first put sees a new size; the second starts the third with its commit; from then
-    # on each commit starts the next.
+    # The first put sees a new size; the second starts two ahead behind its commit; from then
+    # on each put uses one and its commit starts another.
     assert ops == [
         "PUT_START",
         "PUT_COMMIT",
         "PUT_START",
-        "PUT_COMMIT+NEXT",
-        "PUT_COMMIT+NEXT",
-        "PUT_COMMIT+NEXT",
-        "PUT_COMMIT+NEXT",
+        "PUT_COMMIT+PUT_STARTx2",
+        "PUT_COMMIT+PUT_STARTx1",
+        "PUT_COMMIT+PUT_STARTx1",
+        "PUT_COMMIT+PUT_STARTx1",
     ]
     for i, value in enumerate(values):
         assert client.get(f"ahead/{size}/{i}") == value
     client.put(f"ahead/{size}/other", b"x" * (size + 1))  # another size: the normal path
     assert ops[-2:] == ["PUT_START", "PUT_COMMIT"]
-    assert _settled(client, pending=0)["pending_puts"] == 0  # the unused one expired
+    assert _settled(client, pending=0)["pending_puts"] == 0  # the unused ones expired
 
 
 def test_a_stale_started_put_is_not_used(
@@ -80,16 +84,16 @@ def test_a_stale_started_put_is_not_used(
     monkeypatch.setattr(client_module, "_SLOT_MAX_AGE_S", 0.05)
     values = _values(3, 8192, 3)
     client.put("stale/0", values[0])
-    client.put("stale/1", values[1])  # starts one ahead
+    client.put("stale/1", values[1])  # starts two ahead
     time.sleep(0.2)
     client.put("stale/2", values[2])  # too old to use: started afresh
     assert ops == [
         "PUT_START",
         "PUT_COMMIT",
         "PUT_START",
-        "PUT_COMMIT+NEXT",
+        "PUT_COMMIT+PUT_STARTx2",
         "PUT_START",
-        "PUT_COMMIT+NEXT",
+        "PUT_COMMIT+PUT_STARTx2",
     ]
     assert [client.get(f"stale/{i}") for i in range(3)] == values
 
@@ -99,17 +103,17 @@ def test_existing_key_through_a_started_put_raises_and_frees(
 ) -> None:
     first, second, third = _values(3, 65536, 4)
     client.put("exists/a", first)
-    client.put("exists/b", second)  # starts one ahead
-    used = client.stats()["used_bytes"]  # a and b, the started put, and earlier tests' objects
+    client.put("exists/b", second)  # starts two ahead
+    used = client.stats()["used_bytes"]  # a and b, the started puts, and earlier tests' objects
     with pytest.raises(AlreadyExists):
-        client.put("exists/a", third)  # through the started put: refused at commit
-    assert ops[-1] == "PUT_COMMIT+NEXT"
+        client.put("exists/a", third)  # through a started put: refused at commit
+    assert ops[-1] == "PUT_COMMIT+PUT_STARTx1", ops
     assert client.get("exists/a") == first
     client.put("exists/a", third, overwrite=True)  # overwrite travels with the commit
     assert client.get("exists/a") == third
     stats = _settled(client, pending=0)
     assert stats["pending_puts"] == 0
-    # The refused put's space, the unused started put and a's first version all came back.
+    # The refused put's space, the unused started puts and a's first version all came back.
     assert stats["used_bytes"] <= used - 65536
 
 
@@ -140,8 +144,9 @@ def test_master_restart_loses_a_started_put_and_the_put_starts_afresh(
     client = make_cluster.client(timeout_s=20.0)
     values = _values(3, 4096, 5)
     client.put("restart/0", values[0])
-    client.put("restart/1", values[1])  # holds one started ahead
-    assert client._slots
+    client.put("restart/1", values[1])  # starts two ahead
+    assert client._take_slot(4096, time.monotonic() + 10) is not None  # one used up ...
+    assert client._slots  # ... one kept across the restart
     make_cluster.restart_master()
     client.put("restart/2", values[2])
     assert [client.get(f"restart/{i}") for i in range(3)] == values
@@ -167,24 +172,42 @@ def test_anonymous_start_then_a_bad_key_at_commit(client: StoreClient) -> None:
     assert _settled(client, pending=0)["pending_puts"] == 0
 
 
-def test_next_with_a_bad_start_does_not_undo_the_commit(client: StoreClient) -> None:
+def test_a_start_sent_ahead_is_answered_after_the_commit_and_read_later(
+    client: StoreClient,
+) -> None:
+    # The master answers a commit before it runs the start sent behind it; a bad start does
+    # not undo the commit, and its error reaches the callback, read by the next call.
     reply = client._master.call(
-        Op.PUT_START, {"items": [{"key": "next/bad", "size": 10}]}, timeout_s=10
+        Op.PUT_START, {"items": [{"key": "ahead/bad", "size": 10}]}, timeout_s=10
     )
     put_id = reply["items"][0]["ok"]["put_id"]
+    got: list[dict[str, Any] | StoreError] = []
     reply = client._master.call(
         Op.PUT_COMMIT,
-        {
-            "items": [{"put_id": put_id, "checksum": 1, "checksum_kind": "kvh-64"}],
-            "next": {"size": -1, "anonymous": True},
-        },
+        {"items": [{"put_id": put_id, "checksum": 1, "checksum_kind": "kvh-64"}]},
         timeout_s=10,
+        ahead=(Op.PUT_START, {"items": [{"size": -1, "anonymous": True}]}, got.append),
     )
     assert reply["items"][0] == {"ok": {}}
-    bad = error_from_wire(reply["next"]["error"])
-    assert isinstance(bad, StoreError)
+    assert not got  # not read yet
+    assert client.exists("ahead/bad")  # this call reads it first
+    assert len(got) == 1
+    first = got[0]
+    assert isinstance(first, dict)
+    bad = error_from_wire(first["items"][0]["error"])
     assert "size" in str(bad)
-    assert client.exists("next/bad")
+    # An error reply to the whole request reaches the callback as the error, via settle.
+    client._master.call(
+        Op.EXISTS,
+        {"items": [{"key": "ahead/bad"}]},
+        timeout_s=10,
+        ahead=(Op.PUT_START, {"items": "not a list"}, got.append),
+    )
+    assert len(got) == 1
+    client._master.settle(10)
+    assert len(got) == 2
+    assert isinstance(got[1], StoreError)
+    assert "items" in str(got[1])
 
 
 def test_threads_sharing_a_client_and_its_started_puts(make_cluster: Cluster) -> None:

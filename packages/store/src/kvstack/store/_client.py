@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -91,13 +92,20 @@ _SEGMENT_RETRY_S = 1.5
 # bigger machine should favour the engine.
 DIRECT_MAX_BYTES = 4 << 20
 
-# Puts started ahead (see _Slot): at most this many held per client, each used within this
-# long of the master starting it (well inside the 2 s after which the master frees it; and
-# short enough that a master restart meanwhile, which also forgets started puts, cannot
-# plausibly have handed the space to another put before it is written). Unused ones are
-# dropped: the master frees them.
-_MAX_SLOTS = 4
+# Puts started ahead (see _Slot): a client keeps this many of a repeating size, held or on
+# their way, each used within _SLOT_MAX_AGE_S of the master starting it (well inside the 2 s
+# after which the master frees it; and short enough that a master restart meanwhile, which
+# also forgets started puts, cannot plausibly have handed the space to another put before
+# it is written). Unused ones are dropped: the master frees them.
+#
+# Two, not one: a commit sends the PUT_START of a later put behind it in the same write, and
+# the master answers the commit before it runs that start (issue 4: the start was ~40% of
+# the master's 22-30 us of Python for a commit with its next start on an H100 host, in every
+# put's round trip). That reply is read during the next commit's round trip, so the next put
+# must already hold the one before.
+_SLOTS_AHEAD = 2
 _SLOT_MAX_AGE_S = 0.5
+_MAX_SLOTS = 4  # of all sizes, held or coming
 
 Value = object  # bytes-like, numpy array or CPU torch tensor
 _DEFAULT_OPTIONS = PutOptions()
@@ -123,7 +131,8 @@ class _Located:
 class _Slot:
     """A put the master started ahead, with no key yet: space for this client's next put of
     ``size`` bytes (default options). Using it makes a put one round trip, the commit (which
-    names the key and starts the next one), instead of PUT_START and then PUT_COMMIT."""
+    names the key, with a later put's start behind it), instead of PUT_START and then
+    PUT_COMMIT."""
 
     size: int
     put_id: str
@@ -152,6 +161,10 @@ class StoreClient:
         self._pool_lock = threading.Lock()
         self._slots: list[_Slot] = []
         self._slots_lock = threading.Lock()
+        # Starts sent ahead whose reply is not read yet: id -> (when sent, size). A reply lost
+        # with its connection is forgotten after _SLOT_MAX_AGE_S.
+        self._slots_coming: dict[int, tuple[float, int]] = {}
+        self._start_ids = itertools.count(1)
         self._last_size = 0  # of the last put that could use a slot: sizes that repeat get one
         if self.config.contribute_bytes:
             self._node = StoreNode(
@@ -209,6 +222,8 @@ class StoreClient:
 
     def close(self) -> None:
         """Release connections, the contributed memory and (embedded) the master. Idempotent."""
+        if self._slots_coming:
+            self._master.settle(min(self.config.timeout_s, 1.0))  # to give those back too
         with self._slots_lock:
             slots = self._slots
             self._slots = []
@@ -466,7 +481,7 @@ class StoreClient:
         # Default options (overwrite aside) and a size a started put can hold: use one kept
         # from the last commit, and start the next one with this commit.
         ahead = size if 0 < size <= DIRECT_MAX_BYTES and wire.keys() <= {"overwrite"} else 0
-        slot = self._take_slot(size) if ahead else None
+        slot = self._take_slot(size, deadline) if ahead else None
         if ahead and ahead != self._last_size:  # start puts ahead only for repeating sizes
             self._last_size = ahead
             ahead = 0
@@ -575,24 +590,61 @@ class StoreClient:
         return False
 
     def _commit(self, commit: dict[str, Any], ahead: int, deadline: float) -> dict[str, Any]:
-        """Send one PUT_COMMIT (starting the next put of ``ahead`` bytes with it when this
-        client holds fewer than _MAX_SLOTS); returns the commit's item."""
-        data: dict[str, Any] = {"items": [commit]}
-        if ahead and len(self._slots) < _MAX_SLOTS:
-            data["next"] = {"size": ahead, "anonymous": True}
-        sent = time.monotonic()
-        reply = self._master.call(Op.PUT_COMMIT, data, timeout_s=self._left(deadline, "put"))
-        started = reply.get("next", {}).get("ok")
-        if started:
-            age = min(float(started["expires_s"]) / 2, _SLOT_MAX_AGE_S)
-            slot = _Slot(ahead, str(started["put_id"]), started["replicas"], sent + age)
+        """Send one PUT_COMMIT; returns its item. With ``ahead`` (a size), puts of that size
+        are started behind it, up to _SLOTS_AHEAD held or coming."""
+        start = None
+        if ahead:
+            now = time.monotonic()
             with self._slots_lock:
-                self._slots.append(slot)
+                coming = self._slots_coming
+                for old in [i for i, (sent, _) in coming.items() if sent < now - _SLOT_MAX_AGE_S]:
+                    del coming[old]
+                self._slots = [s for s in self._slots if s.use_by > now]
+                have = sum(s.size == ahead for s in self._slots)
+                have += sum(size == ahead for _, size in coming.values())
+                want = min(_SLOTS_AHEAD - have, _MAX_SLOTS - len(self._slots) - len(coming))
+                start_id = next(self._start_ids)
+                if want > 0:
+                    coming[start_id] = (now, ahead)
+            if want > 0:
+                items = [{"size": ahead, "anonymous": True}] * want
+                on_reply = functools.partial(self._started, start_id, ahead, now)
+                start = (Op.PUT_START, {"items": items}, on_reply)
+        reply = self._master.call(
+            Op.PUT_COMMIT,
+            {"items": [commit]},
+            timeout_s=self._left(deadline, "put"),
+            ahead=start,
+        )
         return reply["items"][0]
 
-    def _take_slot(self, size: int) -> _Slot | None:
-        """A fresh started put of ``size`` bytes, if this client holds one (stale ones are
-        dropped: the master frees them)."""
+    def _started(
+        self, start_id: int, size: int, sent: float, reply: dict[str, Any] | StoreError
+    ) -> None:
+        """The reply to puts started ahead (see _commit): each started one becomes a slot."""
+        slots: list[_Slot] = []
+        if isinstance(reply, dict):
+            for item in reply.get("items", []):
+                started = item.get("ok")
+                if started:  # not started (no space, say): the next put starts its own
+                    age = min(float(started["expires_s"]) / 2, _SLOT_MAX_AGE_S)
+                    slots.append(
+                        _Slot(size, str(started["put_id"]), started["replicas"], sent + age)
+                    )
+        with self._slots_lock:
+            self._slots_coming.pop(start_id, None)
+            self._slots.extend(slots)
+
+    def _take_slot(self, size: int, deadline: float) -> _Slot | None:
+        """A fresh started put of ``size`` bytes, if this client holds one or one is on its way
+        (stale ones are dropped: the master frees them)."""
+        slot = self._pop_slot(size)
+        if slot is None and self._slots_coming:
+            self._master.settle(self._left(deadline, "put"))
+            slot = self._pop_slot(size)
+        return slot
+
+    def _pop_slot(self, size: int) -> _Slot | None:
         now = time.monotonic()
         with self._slots_lock:
             if not self._slots:

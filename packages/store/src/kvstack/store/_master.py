@@ -243,16 +243,28 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        if not buf and len(data) >= HEADER.size:
-            # The common case, one whole request per read: no copies through the buffer.
-            try:
-                op, _flags, request_id, length = parse_header(data[: HEADER.size], peer=self.peer)
-            except ProtocolError as exc:
-                self._fatal(exc)
+        if not buf:
+            # The common case, whole requests per read (one, or a commit and the start sent
+            # behind it): no copies through the buffer.
+            pos, size = 0, len(data)
+            while size - pos >= HEADER.size:
+                try:
+                    op, _flags, request_id, length = parse_header(
+                        data[pos : pos + HEADER.size], peer=self.peer
+                    )
+                except ProtocolError as exc:
+                    self._fatal(exc)
+                    return
+                end = pos + HEADER.size + length
+                if end > size:
+                    break
+                self.master._dispatch(self, op, request_id, data[pos + HEADER.size : end])
+                pos = end
+                if self.transport is None or self.transport.is_closing():
+                    return
+            if pos == size:
                 return
-            if len(data) == HEADER.size + length:
-                self.master._dispatch(self, op, request_id, data[HEADER.size :])
-                return
+            data = data[pos:]
         buf += data
         while len(buf) >= HEADER.size:
             try:
@@ -740,12 +752,7 @@ class Master:
         return started
 
     def _put_commit(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Commit each item; with "next" (a PUT_START item), also start the sender's next put
-        in the same round trip: one round trip a put for a client that keeps one started."""
-        reply = self._per_item(self._items(data), self._put_commit_one)
-        if "next" in data:
-            reply["next"] = self._per_item([data["next"]], self._put_start_one)["items"][0]
-        return reply
+        return self._per_item(self._items(data), self._put_commit_one)
 
     def _put_commit_one(self, item: dict[str, Any]) -> dict[str, Any]:
         put_id = item.get("put_id")

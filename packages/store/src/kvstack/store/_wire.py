@@ -148,6 +148,11 @@ class _Stale(Exception):
     """The pooled connection was closed by the master while idle."""
 
 
+# Called with the reply to a request sent ahead of a call (see _Socket.call): the reply's flags
+# and payload. It runs on whichever thread reads that reply and must not raise.
+OnReply = Callable[[int, bytes], None]
+
+
 class _Socket:
     """One connection, non-blocking underneath; closed on any error so a half-read stream is
     never reused.
@@ -157,6 +162,10 @@ class _Socket:
     tens of microseconds (loopback echo through an asyncio server: p50 85-90 us blocking, 30 us
     polling; issue 4). Non-blocking, CPython also skips the poll() it makes before every
     send and recv on a socket with a timeout.
+
+    A call may send a second request ahead, in the same write, whose reply it does not wait
+    for: that reply is "owed" and handed to its callback by whichever later call (or
+    ``settle``) on this connection reads it, in the order the master answers.
     """
 
     def __init__(
@@ -185,8 +194,10 @@ class _Socket:
         self._spin_s = spin_s
         self._ids = itertools.count(1)
         # Replies usually arrive whole: one recv_into a reused buffer, not header then body.
+        # Bytes received past one reply (the next, owed, one) stay in _buf[_start:_end].
         self._buf = bytearray(_RECV_BYTES)
-        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self.owed: dict[int, tuple[int, OnReply]] = {}  # request id -> (op, callback)
         self.last_used = time.monotonic()
 
     def call(
@@ -196,28 +207,63 @@ class _Socket:
         *,
         timeout_s: float,
         while_waiting: Callable[[], object] | None = None,
+        ahead: tuple[int, bytes, OnReply] | None = None,
     ) -> tuple[int, bytes]:
+        """Send one request (and ``ahead``, (op, payload, callback), after it in the same
+        write); return the first one's (flags, payload), handing owed replies that come
+        first to their callbacks."""
         request_id = next(self._ids)
         deadline = time.monotonic() + timeout_s
-        self._send(pack(op, request_id, payload), deadline)
+        frame = pack(op, request_id, payload)
+        ahead_id = 0
+        if ahead is not None:
+            ahead_id = next(self._ids)
+            frame += pack(ahead[0], ahead_id, ahead[1])
+        self._send(frame, deadline)
+        if ahead is not None:
+            self.owed[ahead_id] = (ahead[0], ahead[2])
         if while_waiting is not None:
             while_waiting()
-        buf = self._buf
-        got = self._fill(self._view, 0, HEADER.size, deadline)
-        r_op, flags, r_id, length = parse_header(bytes(buf[: HEADER.size]), peer=self.peer)
-        end = HEADER.size + length
-        if end > len(buf):
-            buf = bytearray(end)
-            buf[:got] = self._buf[:got]
-            got = self._fill(memoryview(buf), got, end, deadline)
-        elif got < end:
-            got = self._fill(self._view, got, end, deadline)
-        if r_id != request_id or r_op != op or not flags & FLAG_REPLY:
+        while True:
+            r_op, flags, r_id, body = self._read_frame(deadline)
+            if r_id == request_id and r_op == op and flags & FLAG_REPLY:
+                return flags, body
+            self._pay(r_op, flags, r_id, body, request=(op, request_id))
+
+    def settle(self, timeout_s: float) -> None:
+        """Read every owed reply and hand it to its callback."""
+        deadline = time.monotonic() + timeout_s
+        while self.owed:
+            self._pay(*self._read_frame(deadline), request=None)
+
+    def _pay(
+        self, op: int, flags: int, request_id: int, body: bytes, *, request: tuple[int, int] | None
+    ) -> None:
+        owed = self.owed.pop(request_id, None)
+        if owed is None or owed[0] != op or not flags & FLAG_REPLY:
+            waiting = f"request (op {request[0]}, id {request[1]})" if request else "no request"
             raise ProtocolError(
-                f"reply (op {r_op}, id {r_id}) does not match request (op {op}, id {request_id})",
+                f"reply (op {op}, id {request_id}) matches neither {waiting} nor an owed reply",
                 peer=self.peer,
             )
-        return flags, bytes(buf[HEADER.size : end])
+        owed[1](flags, body)
+
+    def _read_frame(self, deadline: float) -> tuple[int, int, int, bytes]:
+        """The next whole frame: (op, flags, request id, payload)."""
+        self._fill(HEADER.size, deadline)
+        start = self._start
+        r_op, flags, r_id, length = parse_header(
+            bytes(self._buf[start : start + HEADER.size]), peer=self.peer
+        )
+        self._fill(HEADER.size + length, deadline)
+        start = self._start
+        body = bytes(self._buf[start + HEADER.size : start + HEADER.size + length])
+        self._start = start + HEADER.size + length
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buf) > _RECV_BYTES:  # a big reply's buffer is not kept
+                self._buf = bytearray(_RECV_BYTES)
+        return r_op, flags, r_id, body
 
     def _send(self, frame: bytes, deadline: float) -> None:
         sock = self.sock
@@ -230,16 +276,23 @@ class _Socket:
             with suppress(BlockingIOError):
                 sent += sock.send(view[sent:])
 
-    def _fill(self, view: memoryview, got: int, need: int, deadline: float) -> int:
-        """Receive into ``view`` from ``got`` until at least ``need`` bytes; returns the count.
-
-        Never reads past the reply: one request is in flight per connection.
-        """
+    def _fill(self, need: int, deadline: float) -> None:
+        """Receive until at least ``need`` unread bytes are buffered."""
+        if self._end - self._start >= need:
+            return
+        buf = self._buf
+        if self._start + need > len(buf):  # make room: move the unread bytes to the front
+            unread = buf[self._start : self._end]
+            if need > len(buf):
+                buf = self._buf = bytearray(max(need, _RECV_BYTES))
+            buf[: len(unread)] = unread
+            self._start, self._end = 0, len(unread)
+        view = memoryview(buf)
         recv_into = self.sock.recv_into
         spin_until = 0.0
-        while got < need:
+        while self._end - self._start < need:
             try:
-                k = recv_into(view[got:])
+                k = recv_into(view[self._end :])
             except BlockingIOError:
                 now = time.perf_counter()
                 if not spin_until:
@@ -251,9 +304,10 @@ class _Socket:
                     os.sched_yield()
                 continue
             if k == 0:
-                raise ConnectionError(f"connection closed by {self.peer} after {got} bytes")
-            got += k
-        return got
+                raise ConnectionError(
+                    f"connection closed by {self.peer} after {self._end - self._start} bytes"
+                )
+            self._end += k
 
     def _wait(self, events: int, deadline: float) -> None:
         """Sleep until the socket is ready for ``events``; TimeoutError at the deadline."""
@@ -320,9 +374,17 @@ class MasterConnection:
             sock = self._idle.pop() if self._idle else None
         if sock is not None:
             # Only a connection idle for a while can have been closed under us cheaply enough
-            # to check (a select() per call would cost more than the check saves).
-            if time.monotonic() - sock.last_used < _STALE_CHECK_S or not sock.closed_by_peer():
+            # to check (a select() per call would cost more than the check saves). Replies
+            # owed to it arrived long ago: read them first, or it would look readable.
+            if time.monotonic() - sock.last_used < _STALE_CHECK_S:
                 return sock
+            try:
+                sock.settle(timeout_s)
+            except (OSError, StoreError):  # TimeoutError is an OSError
+                sock.owed.clear()  # lost with the connection: a started put expires unused
+            else:
+                if not sock.closed_by_peer():
+                    return sock
             with self._lock:
                 stale = [sock, *self._idle]
                 self._idle = []
@@ -348,21 +410,41 @@ class MasterConnection:
         op: Op,
         payload: bytes,
         timeout_s: float,
-        while_waiting: Callable[[], object] | None = None,
+        while_waiting: Callable[[], object] | None,
+        ahead: tuple[int, bytes, OnReply] | None,
     ) -> tuple[int, bytes]:
         sock = self._take(timeout_s)
         try:
-            reply = sock.call(op, payload, timeout_s=timeout_s, while_waiting=while_waiting)
+            reply = sock.call(
+                op, payload, timeout_s=timeout_s, while_waiting=while_waiting, ahead=ahead
+            )
         except BaseException:
             sock.close()  # a half-read stream is never reused
             raise
+        self._put_back(sock)
+        return reply
+
+    def _put_back(self, sock: _Socket) -> None:
         sock.last_used = time.monotonic()
         with self._lock:
             if self._closed:
                 sock.close()
             else:
                 self._idle.append(sock)
-        return reply
+
+    def settle(self, timeout_s: float) -> None:
+        """Read the owed replies of every idle connection (see ``call``'s ``ahead``); a
+        connection that fails to deliver them is closed and its callbacks never run."""
+        with self._lock:
+            owing = [sock for sock in self._idle if sock.owed]
+            self._idle = [sock for sock in self._idle if not sock.owed]
+        for sock in owing:
+            try:
+                sock.settle(timeout_s)
+            except (OSError, StoreError):  # TimeoutError is an OSError
+                sock.close()
+                continue
+            self._put_back(sock)
 
     def call(
         self,
@@ -371,23 +453,45 @@ class MasterConnection:
         *,
         timeout_s: float,
         while_waiting: Callable[[], object] | None = None,
+        ahead: tuple[Op, dict[str, Any], Callable[[dict[str, Any] | StoreError], None]]
+        | None = None,
     ) -> dict[str, Any]:
         """Send ``data`` as op; return the reply payload or raise the master's error.
 
         ``while_waiting`` runs once the request is sent, before the reply is read: work that
         overlaps the master's (a put's checksum overlaps its PUT_START).
+
+        ``ahead`` is a second request, (op, data, callback), sent in the same write, whose
+        reply this call does not wait for: the master answers this call first, and the
+        callback gets the other reply (or its error) when a later call on the connection,
+        or ``settle``, reads it. It must not raise. If the connection dies first, it never
+        runs.
         """
         if self._released:
             data = {**data, "released": self._take_released()}
         payload = encode(data)
+        sent_ahead: tuple[int, bytes, OnReply] | None = None
+        if ahead is not None:
+            ahead_op, ahead_data, on_reply = ahead
+            address = self.address
+
+            def decoded(flags: int, body: bytes) -> None:
+                try:
+                    reply = decode(body, peer=address)
+                except StoreError as exc:
+                    on_reply(exc)
+                    return
+                on_reply(error_from_wire(reply) if flags & FLAG_ERROR else reply)
+
+            sent_ahead = (ahead_op, encode(ahead_data), decoded)
         try:
             try:
-                flags, body = self._exchange(op, payload, timeout_s, while_waiting)
+                flags, body = self._exchange(op, payload, timeout_s, while_waiting, sent_ahead)
             except _Stale:
                 # A pooled connection the master closed while idle (it restarted): the
                 # request never reached a live master, so it is safe to send it on a new one.
                 # (_take raised before anything was sent: while_waiting has not run.)
-                flags, body = self._exchange(op, payload, timeout_s, while_waiting)
+                flags, body = self._exchange(op, payload, timeout_s, while_waiting, sent_ahead)
         except TimeoutError as exc:
             raise StoreTimeout(
                 f"{op.name} request to master {self.address}", timeout_s=timeout_s
