@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +173,58 @@ def test_copies_from_many_threads_at_once(copier: NativeCopier) -> None:
     assert not any(t.is_alive() for t in threads)
     for dst, _, _, _, _, expected in jobs:
         np.testing.assert_array_equal(dst, expected)
+
+
+def _helper_cpu_ticks() -> int:
+    """CPU ticks (user + system) of every thread of this process but the calling one."""
+    me = threading.get_native_id()
+    ticks = 0
+    for task in os.listdir("/proc/self/task"):
+        if int(task) == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_polling_helpers_join_only_jobs_that_want_them_then_park(copier: NativeCopier) -> None:
+    # Helpers poll 5 ms for the next job after one. A job wanting fewer threads than are
+    # polling must not be joined by the extra ones; every copy stays byte-exact; once copies
+    # stop, the helpers park (they do not keep spinning).
+    copier.set_helper_spin(0.005)
+    try:
+        rng = np.random.default_rng(11)
+        src = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+        offsets = np.arange(0, 2 * MiB, 16 * KiB, dtype=np.int64)
+        lengths = np.full(len(offsets), 16 * KiB, dtype=np.int64)
+        wanted = [8, 2, 8, 1, 4, 8, 3, 8, 2] * 10
+        dsts = [np.zeros_like(src) for _ in wanted]
+        orders = [rng.permutation(offsets) for _ in wanted]
+        used = [  # back to back: the helpers of each job are still polling for the next
+            copier.copy_ranges(
+                order + dst.ctypes.data, offsets + src.ctypes.data, lengths, threads=threads
+            )
+            for dst, order, threads in zip(dsts, orders, wanted, strict=True)
+        ]
+        pairs = list(zip(wanted, used, strict=True))
+        assert all(1 <= u <= w for w, u in pairs), pairs
+        for dst, order in zip(dsts, orders, strict=True):
+            np.testing.assert_array_equal(
+                dst.reshape(-1, 16 * KiB)[order // (16 * KiB)], src.reshape(-1, 16 * KiB)
+            )
+        time.sleep(0.05)  # past the polling
+        before = _helper_cpu_ticks()
+        time.sleep(0.5)
+        spent = _helper_cpu_ticks() - before
+        # One helper polling throughout would take ~50 ticks (100 a second).
+        assert spent < 15, f"helpers took {spent} ticks of CPU while idle"
+    finally:
+        copier.set_helper_spin(0.0)
 
 
 @pytest.mark.parametrize("reading", [False, True], ids=["write", "read"])

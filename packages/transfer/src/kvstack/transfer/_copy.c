@@ -200,6 +200,7 @@ static pthread_mutex_t pool_lock;
 static pthread_cond_t pool_done;
 static sem_t wake[MAX_THREADS];
 #define WAKE_FANOUT 4
+static int64_t helper_spin_ns; /* see kvstack_set_helper_spin */
 static int helpers; /* started so far */
 static int waking;  /* helpers the current job wakes (its fan-out posts stay below this) */
 static int busy;    /* a call owns the pool */
@@ -232,18 +233,57 @@ static void wake_range(int first, int limit)
         sem_post(&wake[i]);
 }
 
+/* How long a helper that just worked polls for the next job before it parks on its
+ * semaphore (0: it parks at once). Waking a parked helper takes a futex call and, on a VM
+ * whose idle vCPU halted, an interrupt to another CPU: tens of microseconds on the GPU
+ * machines, in every copy that follows a pause (issue 3: a page batch right after a 64 MiB
+ * write; issue 4: each 1 MiB put). Bursts of copies, a KV handoff's or a put loop's, find
+ * their helpers still polling. Set from Python by the number of usable cores. */
+void kvstack_set_helper_spin(int64_t ns)
+{
+    __atomic_store_n(&helper_spin_ns, ns > 0 ? ns : 0, __ATOMIC_RELAXED);
+}
+
+static int64_t now_ns(void);
+
+/* Poll up to helper_spin_ns for a job that helper `index` should join; 1 if one came. Posts
+ * left over from jobs it joined by polling are taken first, so they do not wake it again. */
+static int poll_for_job(sem_t *own, int index, uint64_t last)
+{
+    int64_t spin = __atomic_load_n(&helper_spin_ns, __ATOMIC_RELAXED);
+    if (spin <= 0)
+        return 0;
+    while (sem_trywait(own) == 0) {
+    }
+    int64_t until = now_ns() + spin;
+    for (unsigned k = 1;; k++) {
+        if (__atomic_load_n(&generation, __ATOMIC_ACQUIRE) != last &&
+            __atomic_load_n(&current, __ATOMIC_ACQUIRE) != NULL &&
+            index < __atomic_load_n(&waking, __ATOMIC_RELAXED))
+            return 1;
+        _mm_pause();
+        if (k % 64 == 0 && now_ns() >= until)
+            return 0;
+    }
+}
+
 static void *helper(void *arg)
 {
     sem_t *own = arg;
     int index = (int)(own - wake);
     uint64_t last = 0; /* the generation this helper joined last */
+    int worked = 0;    /* poll before parking only after work: an idle process stays idle */
     for (;;) {
-        while (sem_wait(own) != 0) {
-        } /* EINTR: wait again */
+        if (!worked || !poll_for_job(own, index, last)) {
+            while (sem_wait(own) != 0) {
+            } /* EINTR: wait again */
+        }
+        worked = 0;
         pthread_mutex_lock(&pool_lock);
         /* A post left over from a job this helper woke too late for can wake it during a
-         * later one it has already helped with: join each job once. */
-        struct job *job = generation != last ? current : NULL;
+         * later one it has already helped with: join each job once. A job wanting fewer
+         * helpers than this one's index is not its to join. */
+        struct job *job = generation != last && index < waking ? current : NULL;
         int limit = waking;
         if (job != NULL) {
             last = generation;
@@ -259,6 +299,7 @@ static void *helper(void *arg)
         if (--inside == 0)
             pthread_cond_signal(&pool_done);
         pthread_mutex_unlock(&pool_lock);
+        worked = 1;
     }
     return NULL;
 }

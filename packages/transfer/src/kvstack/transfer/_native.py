@@ -100,7 +100,15 @@ class NativeCopier:
         self._send_parallel = library.kvstack_send_parallel
         self._send_parallel.argtypes = (vp, i64, i64)
         self._send_parallel.restype = None
+        self._set_helper_spin = library.kvstack_set_helper_spin
+        self._set_helper_spin.argtypes = (i64,)
+        self._set_helper_spin.restype = None
         self._library = library  # keeps the library loaded as long as its functions are used
+
+    def set_helper_spin(self, seconds: float) -> None:
+        """How long helper threads poll for the next job after one before parking (0: not
+        at all). Process-wide: every copier shares one pool."""
+        self._set_helper_spin(int(seconds * 1e9))
 
     def copy_ranges(
         self,
@@ -510,8 +518,26 @@ def load() -> NativeCopier | None:
         return _loaded[0]
     with _lock:
         if not _loaded:
-            _loaded.append(_load())
+            native = _load()
+            if native is not None:
+                native.set_helper_spin(HELPER_SPIN_S if _spare_cores() else 0.0)
+            _loaded.append(native)
         return _loaded[0]
+
+
+# Helpers poll this long for the next job before parking (see kvstack_set_helper_spin), where
+# cores are plenty: on a small box a polling helper would take the CPU the next copy's caller,
+# or its peer process, needs.
+HELPER_SPIN_S = 200e-6
+_SPIN_MIN_CORES = 8
+
+
+def _spare_cores() -> bool:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores >= _SPIN_MIN_CORES
 
 
 def _load() -> NativeCopier | None:
