@@ -646,13 +646,13 @@ class StoreClient:
 
     def _pop_slot(self, size: int) -> _Slot | None:
         now = time.monotonic()
-        with self._slots_lock:
-            if not self._slots:
-                return None
-            fresh = [s for s in self._slots if s.use_by > now]
-            slot = next((s for s in fresh if s.size == size), None)
-            self._slots = [s for s in fresh if s is not slot]
-        return slot
+        with self._slots_lock:  # stale ones are dropped by _commit
+            slots = self._slots
+            for i, slot in enumerate(slots):
+                if slot.size == size and slot.use_by > now:
+                    del slots[i]
+                    return slot
+        return None
 
     def _abort_slots(self, slots: list[_Slot]) -> None:
         """Give started puts back (best effort: the master frees unused ones within 2 s anyway)."""

@@ -71,6 +71,8 @@ _LEASE_WAIT_S = 2.0
 _ANONYMOUS_PUT_S = 2.0
 _NO_OPTIONS: dict[str, Any] = {}
 _NO_ATTRS: dict[str, Any] = {}
+# A commit's checksum kind by its wire value (a dict lookup; the enum's call costs ~0.5 us).
+_KINDS: dict[object, ChecksumKind] = {str(kind): kind for kind in ChecksumKind}
 
 
 class Tier(StrEnum):
@@ -494,7 +496,7 @@ class Master:
             error = StoreError(f"internal error in op {op}: {exc!r}")
             conn.reply(op, request_id, error.to_wire(), error=True)
             return
-        if not asyncio.iscoroutine(result):
+        if type(result) is dict or not asyncio.iscoroutine(result):
             conn.reply(op, request_id, result)
             self._latency[op].observe(time.perf_counter() - started)
             return
@@ -762,7 +764,9 @@ class Master:
         if not pending.key:  # an anonymous start: the commit names the object
             try:
                 key = check_key(item.get("key"))
-                pending.attrs = dict(_checked_attrs(key, item.get("attrs") or _NO_ATTRS))
+                attrs = item.get("attrs")
+                if attrs:
+                    pending.attrs = dict(_checked_attrs(key, attrs))
             except StoreError:
                 self._free_all(pending.replicas, pending.size)
                 raise
@@ -771,15 +775,14 @@ class Master:
         if not isinstance(checksum, int):
             self._free_all(pending.replicas, pending.size)
             raise InvalidArgument(f"commit of key {pending.key!r} needs an int checksum")
-        try:
-            kind = ChecksumKind(str(item.get("checksum_kind")))
-        except ValueError:
+        kind = _KINDS.get(item.get("checksum_kind"))
+        if kind is None:
             self._free_all(pending.replicas, pending.size)
             known = ", ".join(repr(str(k)) for k in ChecksumKind)
             raise InvalidArgument(
                 f"commit of key {pending.key!r} has checksum_kind "
                 f"{item.get('checksum_kind')!r}: want one of {known}"
-            ) from None
+            )
         failed = item.get("failed")
         if not failed:  # the common case: every replica written
             live = [r for r in pending.replicas if self._live(r)]
