@@ -390,13 +390,14 @@ def _usable_cores() -> int:
 _NATIVE_THREADS = max(1, min(8, _usable_cores()))
 _BYTES_PER_THREAD = 256 << 10
 # KVH-64 (hashing, or copying and hashing) is bound by compute, not memory: 6-8 GB/s per core
-# on the H100/H200 machines' Xeons. It takes up to 16 threads, one per 256 KiB: 64 x 1 MiB
+# on the H100/H200 machines' Xeons. It takes up to 16 threads, one per 128 KiB: 64 x 1 MiB
 # copied and hashed in 1.44-1.54 ms on 8 threads, 0.80 ms on 16 (H100). A lone 1 MiB gains
-# little past 4: on the H200 machine alone 62-72 us on 4 threads, 47-56 on 8-16; but inside a
-# store put loop (master and node busy on the same cores) 4 threads gave the fastest puts,
-# p50 106 us against 137 on 16, whose helpers also slowed the master's reply (48 vs 62 us).
+# little past 8: into a node's segment on an H200 machine, p50 1 thread 98 us, 2 56-66, 4
+# 43-48, 8 41-44, 16 54. Inside a store put loop (master and node busy on the same cores),
+# with helpers that poll between jobs (_copy.c), 8 threads gave puts p50 107-122 us, 4
+# 111-122, 16 122-141 (two runs, side by side); 16 also slowed the master's reply.
 _HASH_THREADS = max(1, min(16, _usable_cores()))
-_HASH_BYTES_PER_THREAD = 256 << 10
+_HASH_BYTES_PER_THREAD = 128 << 10
 # A single range is shared with helpers from this size. Into a prefaulted shm mapping: on the
 # 2-core CI box 1 MiB took 83-96 us on 2 threads, 46-49 on one (waking a helper on the other,
 # busy vCPU costs), 4 MiB (streaming) 124-135 on two, 160-172 on one; on the H200 box's 16
