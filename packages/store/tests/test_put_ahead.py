@@ -241,3 +241,22 @@ def test_threads_sharing_a_client_and_its_started_puts(make_cluster: Cluster) ->
     assert stats["objects"] == 8 * per_thread
     assert stats["pending_puts"] == 0
     assert stats["used_bytes"] == 8 * per_thread * size  # 16 KiB is 64-byte aligned
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"items": [{"ok": {"put_id": "p1"}}]},  # no replicas, no expiry
+        {"items": [{"ok": {"put_id": "p1", "replicas": [], "expires_s": "soon"}}]},
+        {"items": 5},
+        {"items": ["not an item"]},
+        {},
+    ],
+)
+def test_a_start_reply_it_cannot_use_is_dropped_without_raising(
+    client: StoreClient, reply: dict[str, Any]
+) -> None:
+    # The callback runs inside another call: it must never raise into it.
+    before = list(client._slots)
+    client._started(123, 4096, time.monotonic(), reply)
+    assert client._slots == before

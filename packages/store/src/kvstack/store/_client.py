@@ -621,16 +621,18 @@ class StoreClient:
     def _started(
         self, start_id: int, size: int, sent: float, reply: dict[str, Any] | StoreError
     ) -> None:
-        """The reply to puts started ahead (see _commit): each started one becomes a slot."""
+        """The reply to puts started ahead (see _commit): each started one becomes a slot.
+        Runs inside whichever call reads the reply, so it never raises: a start it cannot
+        use is left to expire at the master."""
         slots: list[_Slot] = []
         if isinstance(reply, dict):
-            for item in reply.get("items", []):
-                started = item.get("ok")
-                if started:  # not started (no space, say): the next put starts its own
-                    age = min(float(started["expires_s"]) / 2, _SLOT_MAX_AGE_S)
-                    slots.append(
-                        _Slot(size, str(started["put_id"]), started["replicas"], sent + age)
-                    )
+            with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+                for item in reply["items"]:
+                    started = item.get("ok")
+                    if started:  # not started (no space, say): the next put starts its own
+                        age = min(float(started["expires_s"]) / 2, _SLOT_MAX_AGE_S)
+                        replicas = list(started["replicas"])
+                        slots.append(_Slot(size, str(started["put_id"]), replicas, sent + age))
         with self._slots_lock:
             self._slots_coming.pop(start_id, None)
             self._slots.extend(slots)
