@@ -11,6 +11,7 @@ import pytest
 
 from kvstack.store import MasterConfig, NoSpace, PutOptions, StoreClient
 from kvstack.store._wire import Op
+from kvstack.store.errors import error_from_wire
 
 KiB = 1 << 10
 OBJECT = 64 * KiB
@@ -66,6 +67,42 @@ def test_no_space_when_everything_is_pinned() -> None:
             client.put("p/16", _value(16), options=PutOptions(hard_pin=True))
         for i in range(8):
             assert client.get(f"p/{i}") == _value(i)
+
+
+def test_a_put_started_ahead_never_evicts() -> None:
+    # Space for a put a client may never make is taken only from free memory below the high
+    # watermark: when that is gone, the start is refused and every object stays; the put
+    # itself, started the usual way, evicts.
+    with StoreClient.embedded(MEMORY, master_config=_config()) as client:
+
+        def room() -> float:  # bytes left below the 0.9 watermark
+            stats = client.stats()
+            return 0.9 * stats["capacity_bytes"] - stats["used_bytes"]
+
+        stored = 0
+        while room() >= 2 * OBJECT:  # until one more object fits below it, and not two
+            client.put_batch([(f"full/{stored}", _value(stored))])[0].unwrap()  # no slots
+            stored += 1
+        assert room() >= OBJECT
+        objects = client.stats()["objects"]
+        reply = client._master.call(
+            Op.PUT_START,
+            {"items": [{"size": OBJECT, "anonymous": True}] * 2},
+            timeout_s=5.0,
+        )
+        first, second = reply["items"]
+        assert "ok" in first  # room below the watermark for one
+        error = error_from_wire(second["error"])
+        assert isinstance(error, NoSpace)
+        assert "started ahead" in str(error)
+        assert not error.transient  # nothing waits for room: the client starts its own put
+        assert client.stats()["objects"] == objects  # nothing evicted for it
+        client.put("over", _value(99_999))  # a real put past the watermark evicts
+        assert client.get("over") == _value(99_999)
+        assert client.stats()["objects"] < objects + 1
+        client._master.call(
+            Op.PUT_ABORT, {"items": [{"put_id": first["ok"]["put_id"]}]}, timeout_s=5.0
+        )
 
 
 def test_disk_tier_demotes_instead_of_dropping_and_promotes_on_read(tmp_path: Path) -> None:

@@ -731,7 +731,10 @@ class Master:
         attrs = _checked_attrs(key, item.get("attrs") or _NO_ATTRS)
         if not anonymous and not overwrite and key in self._entries:
             raise AlreadyExists(key)
-        replicas = self._allocate(key, size, want, preferred) if size else []
+        if anonymous:
+            replicas = self._allocate_ahead(size, want, preferred) if size else []
+        else:
+            replicas = self._allocate(key, size, want, preferred) if size else []
         put_id = f"{self._put_prefix}{next(self._put_ids)}"
         timeout_s = self.config.put_timeout_s
         if anonymous:
@@ -1039,6 +1042,25 @@ class Master:
                     "live nodes after eviction (leased and pinned objects are kept)"
                 ),
                 transient=True,
+            )
+        return replicas
+
+    def _allocate_ahead(self, size: int, want: int, preferred: object) -> list[Replica]:
+        """Space for a put started ahead, which may never be used: only free memory below
+        the high watermark, never an eviction. NoSpace (not transient: nothing waits for
+        room) otherwise; the client's put then starts the usual way, evicting if it must."""
+        capacity = self._capacity
+        need = aligned(size) * want
+        replicas: list[Replica] = []
+        if not capacity or self._used + need <= self.config.high_watermark * capacity:
+            replicas = self._place(size, want, preferred, exclude=set())
+        if not replicas:
+            raise NoSpace(
+                "",
+                size_bytes=size,
+                replicas=want,
+                detail="a put started ahead takes only free memory below the high watermark",
+                transient=False,
             )
         return replicas
 
