@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from kvstack.store import ProtocolError, StoreClient
-from kvstack.store._wire import decode, encode
+from kvstack.store._wire import FLAG_REPLY, MasterConnection, Op, decode, encode, pack
 
 
 @pytest.mark.parametrize(
@@ -46,3 +49,46 @@ def test_surrogate_key_through_the_master() -> None:
         client.put(key, b"abc" * 100)
         assert client.exists(key)
         assert client.get(key) == b"abc" * 100
+
+
+def _answering(replies: list[tuple[int, int]]) -> tuple[socket.socket, threading.Thread]:
+    """A one-connection server that reads a request, then sends ``replies`` as (op, id)
+    frames with empty payloads."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for op, request_id in replies:
+                conn.sendall(pack(op, request_id, b"{}", flags=FLAG_REPLY))
+            conn.recv(1)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_a_reply_to_no_request_sent_is_a_protocol_error() -> None:
+    server, thread = _answering([(int(Op.EXISTS), 7)])
+    with server:
+        master = MasterConnection(f"127.0.0.1:{server.getsockname()[1]}")
+        with pytest.raises(ProtocolError, match=r"reply \(op 14, id 7\) does not match request"):
+            master.call(Op.EXISTS, {"items": []}, timeout_s=5)
+        master.close()
+    thread.join(5)
+
+
+def test_owed_replies_reach_their_callback_in_any_order() -> None:
+    # The request sent ahead (id 2) is answered first, then the call's own (id 1).
+    server, thread = _answering([(int(Op.PUT_START), 2), (int(Op.EXISTS), 1)])
+    got: list[object] = []
+    with server:
+        master = MasterConnection(f"127.0.0.1:{server.getsockname()[1]}")
+        reply = master.call(
+            Op.EXISTS, {"items": []}, timeout_s=5, ahead=(Op.PUT_START, {}, got.append)
+        )
+        assert reply == {}
+        assert got == [{}]  # read before the call's own reply
+        master.close()
+    thread.join(5)

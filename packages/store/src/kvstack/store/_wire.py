@@ -241,10 +241,11 @@ class _Socket:
     ) -> None:
         owed = self.owed.pop(request_id, None)
         if owed is None or owed[0] != op or not flags & FLAG_REPLY:
-            waiting = f"request (op {request[0]}, id {request[1]})" if request else "no request"
+            expected = "an owed reply"
+            if request is not None:
+                expected = f"request (op {request[0]}, id {request[1]}) or {expected}"
             raise ProtocolError(
-                f"reply (op {op}, id {request_id}) matches neither {waiting} nor an owed reply",
-                peer=self.peer,
+                f"reply (op {op}, id {request_id}) does not match {expected}", peer=self.peer
             )
         owed[1](flags, body)
 
