@@ -3,6 +3,7 @@ socket pairs, and the build (cache, concurrent builders, failures, forced fallba
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -176,13 +177,13 @@ def test_copies_from_many_threads_at_once(copier: NativeCopier) -> None:
 
 
 def _helper_cpu_ticks() -> int:
-    """CPU ticks (user + system) of every thread of this process but the calling one."""
-    me = threading.get_native_id()
+    """CPU ticks (user + system) of the native copier's helper threads (named kvstack-copy)."""
     ticks = 0
     for task in os.listdir("/proc/self/task"):
-        if int(task) == me:
-            continue
         try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() != "kvstack-copy":
+                    continue
             with open(f"/proc/self/task/{task}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # a thread that just ended
@@ -217,6 +218,11 @@ def test_polling_helpers_join_only_jobs_that_want_them_then_park(copier: NativeC
             np.testing.assert_array_equal(
                 dst.reshape(-1, 16 * KiB)[order // (16 * KiB)], src.reshape(-1, 16 * KiB)
             )
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        assert "kvstack-copy" in names  # the helpers are found by name
         time.sleep(0.05)  # past the polling
         before = _helper_cpu_ticks()
         time.sleep(0.5)

@@ -29,6 +29,9 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 #if defined(__x86_64__)
 #include <emmintrin.h> /* SSE2: every x86-64 has it */
 #endif
@@ -271,6 +274,9 @@ static void *helper(void *arg)
 {
     sem_t *own = arg;
     int index = (int)(own - wake);
+#if defined(__linux__)
+    prctl(PR_SET_NAME, "kvstack-copy"); /* how top -H and /proc name the copier's threads */
+#endif
     uint64_t last = 0; /* the generation this helper joined last */
     int worked = 0;    /* poll before parking only after work: an idle process stays idle */
     for (;;) {
