@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
-from kvstack.transfer import Engine, Op, TransferRequest
+from kvstack.transfer import Engine, Op, OutOfBounds, PeerUnavailable, TransferRequest
 from kvstack.transfer._peer import PeerProcess, random_bytes
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,39 @@ def test_cross_process_gpu_to_gpu(
     back = torch.zeros(length, dtype=torch.uint8, device="cuda")
     engine.read_into_tensor(back, "gpu-remote", remote_offset=7, transport="cuda")
     assert torch.equal(back, local[1 : 1 + length])
+
+
+def _count(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_one_request_over_cuda_whole_segment_metrics_and_errors(
+    engine: Engine, start_peer: Callable[..., PeerProcess]
+) -> None:
+    # read/write of one request skip the Batch (Engine._cuda_one): it must still count, check
+    # bounds and notice a dead owner.
+    torch = importlib.import_module("torch")
+
+    peer = start_peer(f"gpu-whole:{MiB}:cuda:36")
+    local = torch.zeros(MiB, dtype=torch.uint8, device="cuda")
+    engine.register("gpu-whole-local", local)
+    labels = {"transport": "cuda", "peer": engine.lookup("gpu-whole").peer, "op": "read"}
+    before = _count("kvstack_transfer_requests_total", labels)
+    engine.read("gpu-whole-local", "gpu-whole", MiB)  # the whole segment: no slicing
+    np.testing.assert_array_equal(local.cpu().numpy(), random_bytes(36, MiB))
+    assert _count("kvstack_transfer_requests_total", labels) == before + 1
+    local.fill_(9)
+    engine.write("gpu-whole-local", "gpu-whole", MiB)
+    back = torch.zeros(MiB, dtype=torch.uint8, device="cuda")
+    engine.read_into_tensor(back, "gpu-whole")
+    assert (back == 9).all()
+    with pytest.raises(OutOfBounds, match="gpu-whole"):
+        engine.write("gpu-whole-local", "gpu-whole", 16, remote_offset=MiB - 8)
+    with pytest.raises(OutOfBounds, match="gpu-whole-local"):
+        engine.read("gpu-whole-local", "gpu-whole", 16, local_offset=MiB - 8)
+    peer.kill()
+    with pytest.raises(PeerUnavailable, match="has exited"):
+        engine.write("gpu-whole-local", "gpu-whole", 64)
 
 
 @pytest.mark.parametrize("transport", ["cuda", "tcp"])
