@@ -26,6 +26,7 @@ from kvstack.transfer import (
     RequestStatus,
     SegmentNotFound,
     SegmentReadOnly,
+    TransferError,
     TransferRequest,
     TransferTimeout,
     TransportUnavailable,
@@ -527,6 +528,136 @@ def test_big_tcp_write_batches_go_out_at_once(
             remote = _expected(remote, local, offsets, offsets[::-1], [SLOT] * 128)
             assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
     assert sends == ([4 if per_connection < MiB else 1] * 3 if copy_path == "native" else [])
+
+
+def _conns(engine: Engine) -> list[Any]:
+    return [c for pool in engine._tcp._pools.values() for c in pool if c is not None]
+
+
+def test_a_waited_write_batch_takes_its_replies_natively_and_gives_its_slots_back(
+    copy_path: str, metadata_url: str, peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transfer_pages of >= 1 MiB over tcp: each connection's receiver thread takes the OK
+    # reply in C (no _SyncPageVec.finish from Python), and every slot is free afterwards.
+    # Without the native library there are no slots: the batch waits the usual way.
+    monkeypatch.setattr(_tcp, "_PAGE_BYTES_PER_CONN", 512 << 10)
+    finished: list[object] = []
+    finish = _tcp._SyncPageVec.finish
+
+    def spy(self: _tcp._SyncPageVec, error: TransferError | None) -> None:
+        finished.append(error)
+        finish(self, error)
+
+    monkeypatch.setattr(_tcp._SyncPageVec, "finish", spy)
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        remote = random_bytes(PEER_SEED, SEG_BYTES)
+        rng = np.random.default_rng(37)
+        for round_ in range(5):
+            local[:] = random_bytes(60 + round_, SEG_BYTES)
+            offsets = rng.choice(SEG_BYTES // SLOT, 128, replace=False) * SLOT
+            engine.transfer_pages(
+                Op.WRITE, "local", "kv", local_offsets=offsets, remote_offsets=offsets[::-1],
+                lengths=SLOT, transport="tcp",
+            )  # fmt: skip
+            remote = _expected(remote, local, offsets[::-1], offsets, [SLOT] * 128)
+            assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
+        conns = _conns(engine)
+        assert len(conns) == 4
+        for conn in conns:
+            assert not conn._pending
+            if copy_path == "python":
+                assert conn.slots is None
+                continue
+            assert sorted(conn.slots.free) == list(range(_tcp._REPLY_SLOTS))
+            assert not conn.slots.states.any()
+            assert not conn.slots.ids.any()
+    assert finished == []
+
+
+def test_a_waited_write_batch_without_free_slots_waits_the_usual_way(
+    copy_path: str, metadata_url: str, peer: PeerProcess
+) -> None:
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=2)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        local[:] = random_bytes(70, SEG_BYTES)
+        offsets = np.arange(128) * SLOT
+        call = {
+            "local_offsets": offsets, "remote_offsets": offsets, "lengths": SLOT,
+            "transport": "tcp",
+        }  # fmt: skip
+        engine.transfer_pages(Op.WRITE, "local", "kv", **call)  # connects
+        taken = [(c, s) for c in _conns(engine) for s in iter(c.take_slot, None)]
+        assert len(taken) == (2 * _tcp._REPLY_SLOTS if copy_path == "native" else 0)
+        local[:] = random_bytes(71, SEG_BYTES)
+        engine.transfer_pages(Op.WRITE, "local", "kv", **call)
+        expected = random_bytes(PEER_SEED, SEG_BYTES)
+        expected[: 128 * SLOT] = local[: 128 * SLOT]
+        assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
+        for conn, slot in taken:
+            conn.give_slot(slot)
+
+
+def test_an_error_reply_fails_a_waited_write_batch(metadata_url: str) -> None:
+    # The owner withdraws the segment after the writer looked it up: the peer answers each
+    # frame with an error, which fails every page (the receiver hands it to Python).
+    with (
+        Engine(EngineConfig(metadata_url=metadata_url)) as owner,
+        Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine,
+    ):
+        name = f"brief-{uuid.uuid4().hex[:8]}"
+        owner.allocate(name, SEG_BYTES)
+        engine.allocate("local", SEG_BYTES)
+        offsets = np.arange(128) * SLOT
+        call = {
+            "local_offsets": offsets, "remote_offsets": offsets, "lengths": SLOT,
+            "transport": "tcp",
+        }  # fmt: skip
+        engine.transfer_pages(Op.WRITE, "local", name, **call)
+        owner.unregister(name)
+        with pytest.raises(BatchFailed) as failed:
+            engine.transfer_pages(Op.WRITE, "local", name, **call)
+        errors = failed.value.failures
+        assert set(errors) == set(range(128))
+        assert all(isinstance(e, SegmentNotFound) for e in errors.values()), errors
+        for conn in _conns(engine):
+            assert conn.slots is None or not conn.slots.states.any()
+
+
+def test_a_waited_write_batch_to_a_frozen_peer_fails_at_its_deadline_then_recovers(
+    metadata_url: str, start_peer: Callable[..., PeerProcess]
+) -> None:
+    # 2 MiB fits the socket buffers: every frame is out, and no reply comes. At the deadline
+    # each page fails with a timeout naming it; the connections are replaced afterwards.
+    peer = start_peer(f"sleepy:{SEG_BYTES}:shm:5")
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        offsets = np.arange(128) * SLOT
+        call = {
+            "local_offsets": offsets, "remote_offsets": offsets, "lengths": SLOT,
+            "transport": "tcp",
+        }  # fmt: skip
+        engine.transfer_pages(Op.WRITE, "local", "sleepy", **call)
+        peer.freeze()
+        started = time.monotonic()
+        try:
+            with pytest.raises(BatchFailed) as failed:
+                engine.transfer_pages(Op.WRITE, "local", "sleepy", timeout_s=0.5, **call)
+            took = time.monotonic() - started
+        finally:
+            peer.thaw()
+        assert 0.5 <= took < WAIT_S
+        errors = failed.value.failures
+        assert set(errors) == set(range(128))
+        assert all(isinstance(e, TransferTimeout | PeerUnavailable) for e in errors.values())
+        for e in errors.values():
+            if isinstance(e, TransferTimeout):
+                assert "write of 16384 bytes at offset" in str(e)
+        local[:] = random_bytes(72, SEG_BYTES)
+        engine.transfer_pages(Op.WRITE, "local", "sleepy", **call)
+        expected = random_bytes(5, SEG_BYTES)
+        expected[: 128 * SLOT] = local[: 128 * SLOT]
+        assert peer.command(f"hash sleepy 0 {SEG_BYTES}") == _sha(expected)
 
 
 def test_killed_peer_fails_a_big_write_batch_within_the_deadline(

@@ -6,6 +6,8 @@
  *   kvstack_check_wire   check a received tcp frame's range table against a segment
  *   kvstack_serve_writev serve one tcp WRITEV frame (a page batch's) from socket to segment
  *   kvstack_send_parallel send one frame on each of several sockets at once
+ *   kvstack_await_replies take a tcp connection's replies to armed requests (client side)
+ *   kvstack_wait_slot    wait for an armed request's reply (or its failure)
  *   kvstack_hash_ranges  KVH-64 digest of each range, copying it on the way if asked
  *   kvstack_send_ranges  send ranges on a socket (one tcp frame's pages)
  *   kvstack_recv_ranges  receive into ranges from a socket
@@ -18,6 +20,7 @@
  * Callers check every range against its segment first: nothing here checks bounds.
  */
 #define _POSIX_C_SOURCE 200809L /* MSG_NOSIGNAL, pthread_sigmask; builds under -std=c11 too */
+#define _DEFAULT_SOURCE        /* syscall (futex) */
 #include <errno.h>
 #include <pthread.h>
 #include <semaphore.h>
@@ -30,7 +33,10 @@
 #include <sys/uio.h>
 #include <time.h>
 #if defined(__linux__)
+#include <linux/futex.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(__x86_64__)
 #include <emmintrin.h> /* SSE2: every x86-64 has it */
@@ -1130,4 +1136,135 @@ void kvstack_send_parallel(int64_t *units, int64_t n, int64_t deadline_ns)
         pthread_mutex_unlock(&pool_lock);
     }
     take_sends(&job);
+}
+
+/* ---- the client's replies to a synchronous page batch ------------------------------------
+ *
+ * Issue #3: the four replies of a tcp page batch were read by four Python receiver threads,
+ * one after another under the GIL, each then waking the caller through a threading.Event:
+ * ~100 us after the last frame had landed (H200 machine). Now the caller "arms" a slot per
+ * frame (its request id, and a state word), sends, and waits on the states; each connection's
+ * receiver thread waits for replies here and takes an OK without payload to an armed request
+ * itself: the slot goes ARMED -> OK and its waiter is woken, no GIL on the way. Anything else
+ * goes back to Python with the bytes read so far. Python fails a slot (ARMED -> FAILED) when
+ * the connection dies or the request's deadline passes; whichever side moves a slot first
+ * decides its verdict (compare-and-swap). The slot arrays belong to the connection and live
+ * as long as it, so a late reply never writes into freed memory. */
+enum { SLOT_FREE = 0, SLOT_ARMED = 1, SLOT_OK = 2, SLOT_FAILED = 3 };
+enum { REPLY_PUNT = 1, REPLY_IDLE = 2, REPLY_EOF = 3 };
+
+static void wake_slot(int32_t *state)
+{
+#if defined(__linux__)
+    syscall(SYS_futex, state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+#else
+    (void)state;
+#endif
+}
+
+/* Move slot `state` from ARMED to `to` and wake its waiter; 1 if this call moved it. */
+int kvstack_finish_slot(int32_t *state, int32_t to)
+{
+    int32_t armed = SLOT_ARMED;
+    if (!__atomic_compare_exchange_n(state, &armed, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    wake_slot(state);
+    return 1;
+}
+
+static int any_armed(const int32_t *states, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (__atomic_load_n(&states[i], __ATOMIC_ACQUIRE) == SLOT_ARMED)
+            return 1;
+    return 0;
+}
+
+/* Wait on socket fd for replies; take each OK without payload whose request id is that of an
+ * armed slot (ids[i], states[i], i < n). Returns (out[0]: the bytes left in scratch, which
+ * holds FRAME_HEADER bytes) REPLY_PUNT with a reply for Python (or part of one), REPLY_IDLE
+ * when the socket's timeout tick passed with nothing read, REPLY_EOF, or -errno. While a slot
+ * is armed the thread polls up to spin_ns for each reply before it blocks. */
+int64_t kvstack_await_replies(int fd, const int64_t *ids, int32_t *states, int64_t n,
+                              char *scratch, int64_t spin_ns, int64_t *out)
+{
+    for (;;) {
+        int64_t got = 0;
+        out[0] = 0;
+        if (spin_ns > 0 && any_armed(states, n)) {
+            int64_t until = now_ns() + spin_ns;
+            for (;;) {
+                ssize_t k = recv(fd, scratch, FRAME_HEADER, MSG_DONTWAIT);
+                if (k > 0) {
+                    got = k;
+                    break;
+                }
+                if (k == 0)
+                    return REPLY_EOF;
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                    return -errno;
+                if (now_ns() >= until)
+                    break;
+#if defined(__x86_64__)
+                _mm_pause();
+#endif
+            }
+        }
+        while (got < FRAME_HEADER) {
+            ssize_t k = recv(fd, scratch + got, (size_t)(FRAME_HEADER - got), 0);
+            if (k == 0)
+                return REPLY_EOF;
+            if (k < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    out[0] = got; /* a tick: Python checks deadlines, then reads the rest */
+                    return got ? REPLY_PUNT : REPLY_IDLE;
+                }
+                return -errno;
+            }
+            got += k;
+        }
+        out[0] = got;
+        uint64_t request_id, length;
+        memcpy(&request_id, scratch + 8, 8);
+        memcpy(&length, scratch + 24, 8);
+        if (memcmp(scratch, "KVTE", 4) != 0 || scratch[4] != 1 || scratch[5] != OP_OK ||
+            length != 0)
+            return REPLY_PUNT;
+        int64_t slot = -1;
+        for (int64_t i = 0; i < n && slot < 0; i++)
+            if ((uint64_t)ids[i] == request_id &&
+                __atomic_load_n(&states[i], __ATOMIC_ACQUIRE) == SLOT_ARMED)
+                slot = i;
+        if (slot < 0 || !kvstack_finish_slot(&states[slot], SLOT_OK))
+            return REPLY_PUNT; /* not armed (or failed meanwhile): Python's to handle */
+    }
+}
+
+/* Wait until slot `state` is no longer ARMED or deadline_ns (CLOCK_MONOTONIC) passes,
+ * polling the first spin_ns; returns the state it ended in (ARMED: the deadline). */
+int32_t kvstack_wait_slot(int32_t *state, int64_t deadline_ns, int64_t spin_ns)
+{
+    int64_t start = now_ns();
+    int32_t value;
+    while ((value = __atomic_load_n(state, __ATOMIC_ACQUIRE)) == SLOT_ARMED) {
+        int64_t t = now_ns();
+        if (t >= deadline_ns)
+            return value;
+        if (t - start < spin_ns) {
+#if defined(__x86_64__)
+            _mm_pause();
+#endif
+            continue;
+        }
+#if defined(__linux__)
+        int64_t left = deadline_ns - t;
+        struct timespec timeout = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
+        syscall(SYS_futex, state, FUTEX_WAIT_PRIVATE, SLOT_ARMED, &timeout, NULL, 0);
+#else
+        sched_yield();
+#endif
+    }
+    return value;
 }

@@ -734,9 +734,12 @@ class Engine:
         )
         return True
 
-    def _send_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
+    def _send_pages_now(
+        self, fast: _FastPages, timeout_s: float | None, *, wait: bool = False
+    ) -> Batch | None:
         """Check a fast page batch and lay out its tcp frames in one native call, then send
-        them. None when nothing was done (a bad request, or pages over page_max_bytes)."""
+        them (``wait``: and wait for them, see TcpTransport.submit_pages). None when nothing
+        was done (a bad request, or pages over page_max_bytes)."""
         native = _native.load()
         assert native is not None  # _fast_pages checked
         segment = fast.segment
@@ -762,7 +765,9 @@ class Engine:
         batch._routes.append(route)
         uniform = fast.lengths if isinstance(fast.lengths, int) else 0
         try:
-            self._tcp.submit_pages(batch, pages, PagePlan(wire, addresses, total, uniform))
+            self._tcp.submit_pages(
+                batch, pages, PagePlan(wire, addresses, total, uniform), wait=wait
+            )
         except TransferError as exc:
             batch._fail_range(0, len(batch), exc)
         return batch
@@ -898,7 +903,7 @@ class Engine:
             if self._copy_pages_now(fast, None):
                 return  # no Batch to build: nothing can fail any more
         elif fast is not None:
-            batch = self._send_pages_now(fast, timeout_s)
+            batch = self._send_pages_now(fast, timeout_s, wait=True)
             if batch is not None:
                 batch._wait(None)
                 batch.raise_for_errors()

@@ -31,7 +31,7 @@ import numpy as np
 from kvstack.transfer import _env
 from kvstack.transfer.errors import ConfigError
 
-__all__ = ["NativeCopier", "NativeUnavailable", "build", "load"]
+__all__ = ["NativeCopier", "NativeUnavailable", "ReplySlots", "build", "load"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ SERVE_DONE, SERVE_PUNT, SERVE_IDLE, SERVE_EOF, SERVE_STALL = range(5)
 SERVE_SCRATCH = 32 + 4096 + 16 * 1024
 # int64s per unit of kvstack_send_parallel.
 SEND_UNIT = 7
+# kvstack_await_replies: slot states, statuses and the scratch it reads a header into.
+SLOT_FREE, SLOT_ARMED, SLOT_OK, SLOT_FAILED = range(4)
+REPLY_PUNT, REPLY_IDLE, REPLY_EOF = 1, 2, 3
+REPLY_SCRATCH = 32
 
 
 def _int64s(values: np.ndarray) -> np.ndarray:
@@ -61,6 +65,17 @@ def _int64s(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.int64 and values.ndim == 1 and values.flags.c_contiguous:
         return values
     return np.ascontiguousarray(values, dtype=np.int64)
+
+
+class ReplySlots:
+    """A tcp connection's table of requests whose OK reply its receiver thread takes natively
+    (kvstack_await_replies): request ids and int32 states (SLOT_*), shared with the C side.
+    Lives as long as the connection, so a late reply never lands in freed memory."""
+
+    def __init__(self, size: int) -> None:
+        self.ids = np.zeros(size, dtype=np.int64)
+        self.states = np.zeros(size, dtype=np.int32)
+        self.free = list(range(size))  # guarded by the connection's lock
 
 
 class NativeCopier:
@@ -103,6 +118,15 @@ class NativeCopier:
         self._set_helper_spin = library.kvstack_set_helper_spin
         self._set_helper_spin.argtypes = (i64,)
         self._set_helper_spin.restype = None
+        self._await_replies = library.kvstack_await_replies
+        self._await_replies.argtypes = (c_int, vp, vp, i64, vp, i64, vp)
+        self._await_replies.restype = i64
+        self._finish_slot = library.kvstack_finish_slot
+        self._finish_slot.argtypes = (vp, ctypes.c_int32)
+        self._finish_slot.restype = c_int
+        self._wait_slot = library.kvstack_wait_slot
+        self._wait_slot.argtypes = (vp, i64, i64)
+        self._wait_slot.restype = ctypes.c_int32
         self._library = library  # keeps the library loaded as long as its functions are used
 
     def set_helper_spin(self, seconds: float) -> None:
@@ -319,6 +343,44 @@ class NativeCopier:
         # time.monotonic() is CLOCK_MONOTONIC on Linux, the clock the C side reads.
         self._send_parallel(units.ctypes.data, len(units), int(deadline * 1e9))
 
+    def await_replies(
+        self, fd: int, slots: ReplySlots, *, scratch: np.ndarray, spin_s: float, out: np.ndarray
+    ) -> int:
+        """Wait for replies on socket ``fd``, taking each OK without payload to an armed slot
+        of ``slots`` (see ReplySlots). Returns REPLY_PUNT (``out[0]`` bytes of a reply for
+        Python are in ``scratch``, REPLY_SCRATCH bytes), REPLY_IDLE (the socket's tick passed)
+        or REPLY_EOF; OSError on a socket error. Polls up to ``spin_s`` per reply while a slot
+        is armed.
+        """
+        status = int(
+            self._await_replies(
+                fd,
+                slots.ids.ctypes.data,
+                slots.states.ctypes.data,
+                len(slots.ids),
+                scratch.ctypes.data,
+                int(spin_s * 1e9),
+                out.ctypes.data,
+            )
+        )
+        if status < 0:
+            raise OSError(-status, os.strerror(-status))
+        return status
+
+    def finish_slot(self, slots: ReplySlots, index: int, state: int) -> bool:
+        """Move slot ``index`` from ARMED to ``state`` and wake its waiter; False if it was not
+        armed any more (the other side decided first)."""
+        return bool(self._finish_slot(slots.states.ctypes.data + 4 * index, state))
+
+    def wait_slot(self, slots: ReplySlots, index: int, *, deadline: float, spin_s: float) -> int:
+        """Wait until slot ``index`` leaves ARMED or ``deadline`` (time.monotonic()) passes,
+        polling the first ``spin_s``; returns its state then."""
+        return int(
+            self._wait_slot(
+                slots.states.ctypes.data + 4 * index, int(deadline * 1e9), int(spin_s * 1e9)
+            )
+        )
+
     def hash_ranges(
         self,
         dsts: np.ndarray | None,
@@ -520,7 +582,7 @@ def load() -> NativeCopier | None:
         if not _loaded:
             native = _load()
             if native is not None:
-                native.set_helper_spin(HELPER_SPIN_S if _spare_cores() else 0.0)
+                native.set_helper_spin(HELPER_SPIN_S if spare_cores() else 0.0)
             _loaded.append(native)
         return _loaded[0]
 
@@ -532,7 +594,7 @@ HELPER_SPIN_S = 200e-6
 _SPIN_MIN_CORES = 8
 
 
-def _spare_cores() -> bool:
+def spare_cores() -> bool:
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

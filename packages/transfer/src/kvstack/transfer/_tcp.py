@@ -103,6 +103,13 @@ _PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel soo
 _PAGE_BYTES_PER_CONN = 1 << 20
 # A served connection serves WRITEVs natively into at most this many segments it has seen.
 _KNOWN_MAX = 64
+# Synchronous page batches in flight at once per connection whose replies the receiver thread
+# takes natively (see _SyncPageVec); more wait the usual way.
+_REPLY_SLOTS = 16
+# While such a batch waits, its caller polls its slots this long, and the receiver threads
+# poll their sockets this long per reply, before they sleep: a sleeping thread is woken tens
+# of microseconds late on the GPU machines. Only where cores are plenty (_native.HELPER_SPIN_S).
+_REPLY_SPIN_S = 2e-3
 # Coalesced replies are sent once this many bytes wait (READ data starts flowing early).
 _FLUSH_BYTES = 256 << 10
 _MAX_TOKEN_BYTES = 4096
@@ -727,6 +734,76 @@ class _PageVec:
         reader.read_ranges(self.local, self.expired)
 
 
+class _SyncPageVec(_PageVec):
+    """A _PageVec whose caller waits for it (Engine.transfer_pages): its OK reply is taken by
+    the connection's receiver thread in C (kvstack_await_replies), which moves its reply slot
+    from ARMED to OK and wakes the caller; no Python runs between the reply and the caller.
+    The caller marks the batch (``settle``); ``finish`` only decides the slot's verdict."""
+
+    __slots__ = ("conn", "error", "request_id", "slot", "slots")
+
+    def __init__(
+        self,
+        batch: Batch,
+        pages: Pages,
+        start: int,
+        stop: int,
+        *,
+        plan: PagePlan,
+        conn: _Conn,
+        slot: int,
+    ) -> None:
+        super().__init__(batch, pages, start, stop, plan=plan)
+        assert conn.slots is not None  # the caller took the slot from them
+        self.conn, self.slots, self.slot = conn, conn.slots, slot
+        self.error: TransferError | None = None
+        self.request_id = 0
+        # Armed before the frame exists: a send that fails even before registering it still
+        # finds an ARMED slot to fail. Request id 0 matches no reply.
+        self.slots.ids[slot] = 0
+        self.slots.states[slot] = _native.SLOT_ARMED
+
+    def frames(self, request_id: int) -> list[Any]:
+        self.request_id = request_id
+        self.slots.ids[self.slot] = request_id  # before the frame leaves: the reply may race it
+        return super().frames(request_id)
+
+    def finish(self, error: TransferError | None) -> None:
+        # A reply Python read (the native loop was not waiting), a connection that failed, or
+        # an error reply: the first verdict on the slot stands.
+        native = _native.load()
+        assert native is not None  # slots exist only with the native library
+        self.error = error
+        native.finish_slot(
+            self.slots, self.slot, _native.SLOT_OK if error is None else _native.SLOT_FAILED
+        )
+
+    def settle(self, native: _native.NativeCopier, spin_s: float) -> None:
+        """Wait for the slot's verdict (until the deadline), give the slot back and mark the
+        batch's requests of this frame."""
+        state = native.wait_slot(self.slots, self.slot, deadline=self.deadline, spin_s=spin_s)
+        timed_out = state == _native.SLOT_ARMED and native.finish_slot(
+            self.slots, self.slot, _native.SLOT_FAILED
+        )
+        conn = self.conn
+        with conn._lock:
+            state = int(self.slots.states[self.slot])
+            conn._pending.pop(self.request_id, None)
+            self.slots.ids[self.slot] = 0
+            self.slots.states[self.slot] = _native.SLOT_FREE
+            self.slots.free.append(self.slot)
+        if timed_out:
+            # No reply by the deadline: the stream may be stuck mid-frame, never reuse it (as
+            # the receiver's tick would); the batch names each request that timed out.
+            conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
+            self.batch._expire()
+        elif state == _native.SLOT_OK:
+            self.batch._done_range(self.start, self.stop)
+        else:
+            error = self.error or PeerUnavailable("connection closed", peer=conn.peer)
+            self.batch._fail_range(self.start, self.stop, error)
+
+
 def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
     try:
         conn.send(units)
@@ -735,7 +812,7 @@ def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
             unit.finish(exc)
 
 
-def _send_at_once(native: _native.NativeCopier, jobs: list[tuple[_Conn, _PageVec]]) -> None:
+def _send_at_once(native: _native.NativeCopier, jobs: Sequence[tuple[_Conn, _PageVec]]) -> None:
     """Send one WRITEV frame on each connection at once, on the native copier's helper
     threads (kvstack_send_parallel): no thread waits for the GIL to start its send (issue #3).
     A connection another thread is sending on gets its frame queued there instead."""
@@ -888,6 +965,8 @@ class _Conn:
         self._send_lock = threading.Lock()  # one sender at a time; others leave frames in _queue
         self._queue: deque[list[Any]] = deque()
         self._ids = itertools.count(1)
+        # Requests whose OK reply the receiver thread takes in C (see _SyncPageVec).
+        self.slots = _native.ReplySlots(_REPLY_SLOTS) if _native.load() is not None else None
         self._thread = threading.Thread(
             target=self._receive_loop, name=f"kvstack-transfer-recv-{address}-{index}", daemon=True
         )
@@ -937,6 +1016,19 @@ class _Conn:
             return False
         return True
 
+    def take_slot(self) -> int | None:
+        """A free reply slot (see _SyncPageVec), or None: none left, or no native library."""
+        with self._lock:
+            if self.slots is None or not self.slots.free or not self.alive:
+                return None
+            return self.slots.free.pop()
+
+    def give_slot(self, slot: int) -> None:
+        """Return a slot taken with ``take_slot`` and never armed."""
+        assert self.slots is not None
+        with self._lock:
+            self.slots.free.append(slot)
+
     def unclaim(self, error: BaseException | None) -> None:
         """End a ``claim``: fail the connection if the caller's send failed, then send what
         others queued meanwhile."""
@@ -954,8 +1046,17 @@ class _Conn:
 
     def _receive_loop(self) -> None:
         reader = FrameReader(self.sock, peer=self.peer)
+        native = _native.load()
+        scratch = np.empty(_native.REPLY_SCRATCH, dtype=np.uint8)
+        out = np.zeros(1, dtype=np.int64)
+        spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
+        fd = self.sock.fileno()
         try:
             while True:
+                if native is not None and self.slots is not None and reader.empty():
+                    self._await_native(
+                        native, reader, fd=fd, scratch=scratch, out=out, spin_s=spin_s
+                    )
                 header = reader.read(HEADER.size, self._any_expired)
                 op, _, request_id, _, length = unpack(header, peer=self.peer)
                 with self._lock:
@@ -989,6 +1090,29 @@ class _Conn:
             # Close only once no sender is inside a call on this socket (its fd could be reused).
             with self._send_lock:
                 self.sock.close()
+
+    def _await_native(
+        self,
+        native: _native.NativeCopier,
+        reader: FrameReader,
+        *,
+        fd: int,
+        scratch: np.ndarray,
+        out: np.ndarray,
+        spin_s: float,
+    ) -> None:
+        """Let C take replies to armed slots (kvstack_await_replies) until another reply comes:
+        it is then in ``reader``, for the Python path."""
+        assert self.slots is not None
+        while True:
+            status = native.await_replies(fd, self.slots, scratch=scratch, spin_s=spin_s, out=out)
+            if status == _native.REPLY_PUNT:
+                reader.push_front(scratch[: int(out[0])].tobytes())
+                return
+            if status == _native.REPLY_EOF:
+                raise PeerUnavailable("connection closed", peer=self.peer)
+            if self._any_expired():  # REPLY_IDLE: a tick passed, as in FrameReader._recv
+                raise TransferTimeout("receiving", timeout_s=0.0, peer=self.peer)
 
     def fail(self, exc: BaseException) -> None:
         """Close the connection and fail every request it carries."""
@@ -1096,10 +1220,14 @@ class TcpTransport:
         work.split(len(starts))
         return [_Part(work, view[s : s + stripe], r.remote_offset + s) for s in starts]
 
-    def submit_pages(self, batch: Batch, pages: Pages, plan: PagePlan | None = None) -> None:
+    def submit_pages(
+        self, batch: Batch, pages: Pages, plan: PagePlan | None = None, *, wait: bool = False
+    ) -> None:
         """Send a bounds-checked run of host pages, each at most ``page_max_bytes``, as
         vectored frames spread over the connections; each frame's pages finish together.
         ``plan``: the frames' layout, if the caller made it already (Engine's native path).
+        ``wait``: the caller waits for the batch anyway; a WRITE then returns only once the
+        batch is done, its replies taken without Python where it can (see _SyncPageVec).
 
         Raises (nothing sent) the error of connecting, if no connection to the peer is up.
         """
@@ -1111,24 +1239,64 @@ class TcpTransport:
         conns = conns[: max(1, min(len(conns), plan.total // _PAGE_BYTES_PER_CONN))]
         n = len(pages.lengths)
         share = -(-n // len(conns))
-        jobs: list[tuple[_Conn, list[_PageVec]]] = []
-        for c, conn in enumerate(conns):
-            units = [
-                _PageVec(batch, pages, start, min(start + _VEC_MAX, (c + 1) * share, n), plan=plan)
-                for start in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
-            ]
-            if units:
-                jobs.append((conn, units))
+        # Each connection's share of the pages, in frames of at most _VEC_MAX pages.
+        spans = [
+            (
+                conn,
+                [
+                    (a, min(a + _VEC_MAX, (c + 1) * share, n))
+                    for a in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
+                ],
+            )
+            for c, conn in enumerate(conns)
+        ]
+        spans = [(conn, frames) for conn, frames in spans if frames]
         parallel = pages.op is Op.WRITE and plan.total >= _PARALLEL_PAGES_BYTES
         native = _native.load()
-        if parallel and native is not None and all(len(units) == 1 for _, units in jobs):
-            _send_at_once(native, [(conn, units[0]) for conn, units in jobs])
+        if parallel and native is not None and all(len(frames) == 1 for _, frames in spans):
+            synced = self._sync_units(batch, pages, plan, spans) if wait else None
+            if synced is not None:
+                _send_at_once(native, synced)
+                spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
+                for _, unit in synced:
+                    unit.settle(native, spin_s)
+                return
+            _send_at_once(
+                native,
+                [(conn, _PageVec(batch, pages, a, b, plan=plan)) for conn, ((a, b),) in spans],
+            )
             return
+        jobs = [
+            (conn, [_PageVec(batch, pages, a, b, plan=plan) for a, b in frames])
+            for conn, frames in spans
+        ]
         futures = [self._send_pool().submit(_send, *job) for job in jobs[1:]] if parallel else []
         for conn, units in jobs[:1] if futures else jobs:
             _send(conn, units)
         for future in futures:
             future.result()
+
+    @staticmethod
+    def _sync_units(
+        batch: Batch,
+        pages: Pages,
+        plan: PagePlan,
+        spans: list[tuple[_Conn, list[tuple[int, int]]]],
+    ) -> list[tuple[_Conn, _SyncPageVec]] | None:
+        """One _SyncPageVec per connection's frame, a reply slot taken on each; None (no slot
+        kept) where a connection has none free."""
+        slots: list[int] = []
+        for conn, _ in spans:
+            slot = conn.take_slot()
+            if slot is None:
+                for (taken, _), given in zip(spans, slots, strict=False):
+                    taken.give_slot(given)
+                return None
+            slots.append(slot)
+        return [
+            (conn, _SyncPageVec(batch, pages, a, b, plan=plan, conn=conn, slot=slot))
+            for (conn, ((a, b),)), slot in zip(spans, slots, strict=True)
+        ]
 
     def _send_pool(self) -> ThreadPoolExecutor:
         with self._lock:
