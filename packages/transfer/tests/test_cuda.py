@@ -55,6 +55,10 @@ def test_one_request_over_cuda_whole_segment_metrics_and_errors(
     peer = start_peer(f"gpu-whole:{MiB}:cuda:36")
     local = torch.zeros(MiB, dtype=torch.uint8, device="cuda")
     engine.register("gpu-whole-local", local)
+    with pytest.raises(OutOfBounds, match="gpu-whole"):
+        engine.write("gpu-whole-local", "gpu-whole", 16, remote_offset=MiB - 8)
+    with pytest.raises(OutOfBounds, match="gpu-whole-local"):
+        engine.read("gpu-whole-local", "gpu-whole", 16, local_offset=MiB - 8)
     labels = {"transport": "cuda", "peer": engine.lookup("gpu-whole").peer, "op": "read"}
     before = _count("kvstack_transfer_requests_total", labels)
     engine.read("gpu-whole-local", "gpu-whole", MiB)  # the whole segment: no slicing
@@ -65,11 +69,7 @@ def test_one_request_over_cuda_whole_segment_metrics_and_errors(
     back = torch.zeros(MiB, dtype=torch.uint8, device="cuda")
     engine.read_into_tensor(back, "gpu-whole")
     assert (back == 9).all()
-    with pytest.raises(OutOfBounds, match="gpu-whole"):
-        engine.write("gpu-whole-local", "gpu-whole", 16, remote_offset=MiB - 8)
-    with pytest.raises(OutOfBounds, match="gpu-whole-local"):
-        engine.read("gpu-whole-local", "gpu-whole", 16, local_offset=MiB - 8)
-    peer.kill()
+    peer.kill()  # its segment's record is cached: the owner's pid is checked per request
     with pytest.raises(PeerUnavailable, match="has exited"):
         engine.write("gpu-whole-local", "gpu-whole", 64)
 

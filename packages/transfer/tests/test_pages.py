@@ -494,25 +494,35 @@ def test_out_of_bounds_keeps_index_and_fields(engine: Engine, peer: PeerProcess)
 
 
 @pytest.mark.parametrize("per_connection", [512 << 10, 4 * MiB], ids=["4-connections", "1"])
+@pytest.mark.parametrize("blocking", [False, True], ids=["submit", "transfer"])
 def test_big_tcp_write_batches_go_out_at_once(
     copy_path: str,
     metadata_url: str,
     peer: PeerProcess,
     monkeypatch: pytest.MonkeyPatch,
     per_connection: int,
+    blocking: bool,
 ) -> None:
     # A WRITE page batch of >= 1 MiB sends one frame per connection, all at once from the
     # native copier's threads (or from pool threads without it); the peer gets every byte.
+    # transfer_pages lays the frames out in the same native call (send_pages).
     monkeypatch.setattr(_tcp, "_PAGE_BYTES_PER_CONN", per_connection)
     sends: list[int] = []
-    send_parallel = NativeCopier.send_parallel
+    send_parallel, send_pages = NativeCopier.send_parallel, NativeCopier.send_pages
 
     def spy(self: NativeCopier, units: np.ndarray, **kwargs: Any) -> None:
         send_parallel(self, units, **kwargs)
         sends.append(len(units))
         assert not units[:, 6].any()  # every unit sent
 
+    def spy_pages(self: NativeCopier, *args: Any, conns: np.ndarray, **kwargs: Any) -> int:
+        total = send_pages(self, *args, conns=conns, **kwargs)
+        sends.append(len(conns))
+        assert not conns[:, 2].any()  # every frame sent
+        return total
+
     monkeypatch.setattr(NativeCopier, "send_parallel", spy)
+    monkeypatch.setattr(NativeCopier, "send_pages", spy_pages)
     with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
         local = engine.allocate("local", SEG_BYTES)
         remote = random_bytes(PEER_SEED, SEG_BYTES)
@@ -521,10 +531,14 @@ def test_big_tcp_write_batches_go_out_at_once(
             local[:] = random_bytes(50 + round_, SEG_BYTES)
             slots = rng.choice(SEG_BYTES // SLOT, 128, replace=False)
             offsets = slots * SLOT
-            engine.transfer_pages(
-                Op.WRITE, "local", "kv", local_offsets=offsets[::-1].copy(),
-                remote_offsets=offsets, lengths=SLOT, transport="tcp",
-            )  # fmt: skip
+            call = {
+                "local_offsets": offsets[::-1].copy(), "remote_offsets": offsets,
+                "lengths": SLOT, "transport": "tcp",
+            }  # fmt: skip
+            if blocking:
+                engine.transfer_pages(Op.WRITE, "local", "kv", **call)
+            else:
+                engine.submit_pages(Op.WRITE, "local", "kv", **call).wait(timeout_s=WAIT_S)
             remote = _expected(remote, local, offsets, offsets[::-1], [SLOT] * 128)
             assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
     assert sends == ([4 if per_connection < MiB else 1] * 3 if copy_path == "native" else [])
@@ -538,17 +552,23 @@ def test_a_waited_write_batch_takes_its_replies_natively_and_gives_its_slots_bac
     copy_path: str, metadata_url: str, peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # transfer_pages of >= 1 MiB over tcp: each connection's receiver thread takes the OK
-    # reply in C (no _SyncPageVec.finish from Python), and every slot is free afterwards.
+    # reply in C (no reply for a slot read by Python), and every slot is free afterwards.
     # Without the native library there are no slots: the batch waits the usual way.
     monkeypatch.setattr(_tcp, "_PAGE_BYTES_PER_CONN", 512 << 10)
-    finished: list[object] = []
-    finish = _tcp._SyncPageVec.finish
+    calls: list[str] = []
+    slot_reply = _tcp._Conn._slot_reply
+    send_pages = NativeCopier.send_pages
 
-    def spy(self: _tcp._SyncPageVec, error: TransferError | None) -> None:
-        finished.append(error)
-        finish(self, error)
+    def python_reply(self: _tcp._Conn, request_id: int, error: TransferError | None) -> bool:
+        calls.append("python reply")
+        return slot_reply(self, request_id, error)
 
-    monkeypatch.setattr(_tcp._SyncPageVec, "finish", spy)
+    def sent(self: NativeCopier, *args: Any, **kwargs: Any) -> int:
+        calls.append("send_pages")
+        return send_pages(self, *args, **kwargs)
+
+    monkeypatch.setattr(_tcp._Conn, "_slot_reply", python_reply)
+    monkeypatch.setattr(NativeCopier, "send_pages", sent)
     with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
         local = engine.allocate("local", SEG_BYTES)
         remote = random_bytes(PEER_SEED, SEG_BYTES)
@@ -557,8 +577,8 @@ def test_a_waited_write_batch_takes_its_replies_natively_and_gives_its_slots_bac
             local[:] = random_bytes(60 + round_, SEG_BYTES)
             offsets = rng.choice(SEG_BYTES // SLOT, 128, replace=False) * SLOT
             engine.transfer_pages(
-                Op.WRITE, "local", "kv", local_offsets=offsets, remote_offsets=offsets[::-1],
-                lengths=SLOT, transport="tcp",
+                Op.WRITE, "local", "kv", local_offsets=offsets,
+                remote_offsets=offsets[::-1].copy(), lengths=SLOT, transport="tcp",
             )  # fmt: skip
             remote = _expected(remote, local, offsets[::-1], offsets, [SLOT] * 128)
             assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(remote)
@@ -572,7 +592,7 @@ def test_a_waited_write_batch_takes_its_replies_natively_and_gives_its_slots_bac
             assert sorted(conn.slots.free) == list(range(_tcp._REPLY_SLOTS))
             assert not conn.slots.states.any()
             assert not conn.slots.ids.any()
-    assert finished == []
+    assert calls == (["send_pages"] * 5 if copy_path == "native" else [])
 
 
 def test_a_waited_write_batch_without_free_slots_waits_the_usual_way(

@@ -734,12 +734,39 @@ class Engine:
         )
         return True
 
-    def _send_pages_now(
-        self, fast: _FastPages, timeout_s: float | None, *, wait: bool = False
-    ) -> Batch | None:
+    def _write_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
+        """A fast page WRITE over tcp, checked, sent and waited for in TcpTransport.write_pages;
+        the finished batch, or None when nothing was done (the batch goes the usual way)."""
+        n = len(fast.local_offsets)
+        lengths = fast.lengths
+        total = n * lengths if isinstance(lengths, int) else int(lengths.sum())
+        route = Route(fast.info, "tcp", fast.op.value)
+        route.totals = [n, total]
+        pages = Pages(route, fast.segment, fast.op, np.empty((3, n), np.int64), timeout_s)
+        batch = Batch(
+            pages=pages,
+            default_timeout_s=self.config.request_timeout_s if timeout_s is None else timeout_s,
+            on_error=self._on_error,
+        )
+        batch._routes.append(route)
+        try:
+            if not self._tcp.write_pages(
+                batch,
+                pages,
+                local_offsets=fast.local_offsets,
+                remote_offsets=fast.remote_offsets,
+                lengths=lengths,
+                total=total,
+            ):
+                return None
+        except TransferError as exc:  # no connection to the peer: nothing was sent
+            pages.table[:] = (fast.local_offsets, fast.remote_offsets, lengths)
+            batch._fail_range(0, n, exc)
+        return batch
+
+    def _send_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
         """Check a fast page batch and lay out its tcp frames in one native call, then send
-        them (``wait``: and wait for them, see TcpTransport.submit_pages). None when nothing
-        was done (a bad request, or pages over page_max_bytes)."""
+        them. None when nothing was done (a bad request, or pages over page_max_bytes)."""
         native = _native.load()
         assert native is not None  # _fast_pages checked
         segment = fast.segment
@@ -765,9 +792,7 @@ class Engine:
         batch._routes.append(route)
         uniform = fast.lengths if isinstance(fast.lengths, int) else 0
         try:
-            self._tcp.submit_pages(
-                batch, pages, PagePlan(wire, addresses, total, uniform), wait=wait
-            )
+            self._tcp.submit_pages(batch, pages, PagePlan(wire, addresses, total, uniform))
         except TransferError as exc:
             batch._fail_range(0, len(batch), exc)
         return batch
@@ -903,7 +928,9 @@ class Engine:
             if self._copy_pages_now(fast, None):
                 return  # no Batch to build: nothing can fail any more
         elif fast is not None:
-            batch = self._send_pages_now(fast, timeout_s, wait=True)
+            batch = self._write_pages_now(fast, timeout_s) if op is not _READ else None
+            if batch is None:
+                batch = self._send_pages_now(fast, timeout_s)
             if batch is not None:
                 batch._wait(None)
                 batch.raise_for_errors()

@@ -57,6 +57,10 @@ SEND_UNIT = 7
 SLOT_FREE, SLOT_ARMED, SLOT_OK, SLOT_FAILED = range(4)
 REPLY_PUNT, REPLY_IDLE, REPLY_EOF = 1, 2, 3
 REPLY_SCRATCH = 32
+# int64s per connection row of kvstack_send_pages: socket, request id, status.
+SEND_PAGES_CONN = 3
+# kvstack_send_pages: the batch cannot go this way (too many pages a connection, no memory).
+SEND_PAGES_REFUSED = -(1 << 63)
 
 
 def _int64s(values: np.ndarray) -> np.ndarray:
@@ -118,6 +122,25 @@ class NativeCopier:
         self._set_helper_spin = library.kvstack_set_helper_spin
         self._set_helper_spin.argtypes = (i64,)
         self._set_helper_spin.restype = None
+        self._send_pages = library.kvstack_send_pages
+        self._send_pages.argtypes = (
+            vp,
+            vp,
+            vp,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            ctypes.c_char_p,
+            i64,
+            vp,
+            vp,
+            i64,
+            i64,
+        )
+        self._send_pages.restype = i64
         self._await_replies = library.kvstack_await_replies
         self._await_replies.argtypes = (c_int, vp, vp, i64, vp, i64, vp)
         self._await_replies.restype = i64
@@ -342,6 +365,70 @@ class NativeCopier:
             raise ValueError(f"units must be contiguous int64 rows of {SEND_UNIT}")
         # time.monotonic() is CLOCK_MONOTONIC on Linux, the clock the C side reads.
         self._send_parallel(units.ctypes.data, len(units), int(deadline * 1e9))
+
+    def send_pages(
+        self,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+        *,
+        local: tuple[int, int],
+        remote_size: int,
+        max_length: int,
+        name: bytes,
+        table: np.ndarray,
+        conns: np.ndarray,
+        deadline: float,
+    ) -> int:
+        """Check a page WRITE as ``plan_pages`` does, copy its columns into ``table`` (int64
+        [3, n]) and send it as one WRITEV frame of segment ``name`` per row of ``conns`` (int64
+        [k, SEND_PAGES_CONN]: socket, request id, status), all at once; connection c carries
+        requests c * ceil(n / k) onwards. Each row's status becomes 0, -ETIMEDOUT
+        (``deadline``, time.monotonic(), passed first) or -errno. Returns the total bytes,
+        ``-1 - i`` when request i is bad, or SEND_PAGES_REFUSED (nothing sent either way).
+        The caller owns each socket's sending during the call.
+        """
+        n = len(local_offsets)
+        columns = (
+            (local_offsets, remote_offsets)
+            if isinstance(lengths, int)
+            else (local_offsets, remote_offsets, lengths)
+        )
+        for column in columns:
+            if not _int64_run(column, n):
+                raise ValueError(f"page columns must be {n} contiguous int64s each")
+        if not (table.dtype == np.int64 and table.shape == (3, n) and table.flags.c_contiguous):
+            raise ValueError(f"table must be a contiguous int64 [3, {n}] array")
+        if not (
+            conns.dtype == np.int64
+            and conns.ndim == 2
+            and conns.shape[1] == SEND_PAGES_CONN
+            and conns.flags.c_contiguous
+        ):
+            raise ValueError(f"conns must be contiguous int64 rows of {SEND_PAGES_CONN}")
+        if isinstance(lengths, int):
+            lengths_address, length = None, lengths
+        else:
+            lengths_address, length = lengths.ctypes.data, 0
+        return int(
+            self._send_pages(
+                local_offsets.ctypes.data,
+                remote_offsets.ctypes.data,
+                lengths_address,
+                length,
+                n,
+                local[0],
+                local[1],
+                remote_size,
+                max_length,
+                name,
+                len(name),
+                table.ctypes.data,
+                conns.ctypes.data,
+                len(conns),
+                int(deadline * 1e9),
+            )
+        )
 
     def await_replies(
         self, fd: int, slots: ReplySlots, *, scratch: np.ndarray, spin_s: float, out: np.ndarray

@@ -103,8 +103,8 @@ _PARALLEL_PAGES_BYTES = 1 << 20  # page batches: many small frames, parallel soo
 _PAGE_BYTES_PER_CONN = 1 << 20
 # A served connection serves WRITEVs natively into at most this many segments it has seen.
 _KNOWN_MAX = 64
-# Synchronous page batches in flight at once per connection whose replies the receiver thread
-# takes natively (see _SyncPageVec); more wait the usual way.
+# Waited page WRITEs in flight at once per connection whose replies the receiver thread takes
+# natively (see TcpTransport.write_pages); more go the usual way.
 _REPLY_SLOTS = 16
 # While such a batch waits, its caller polls its slots this long, and the receiver threads
 # poll their sockets this long per reply, before they sleep: a sleeping thread is woken tens
@@ -734,76 +734,6 @@ class _PageVec:
         reader.read_ranges(self.local, self.expired)
 
 
-class _SyncPageVec(_PageVec):
-    """A _PageVec whose caller waits for it (Engine.transfer_pages): its OK reply is taken by
-    the connection's receiver thread in C (kvstack_await_replies), which moves its reply slot
-    from ARMED to OK and wakes the caller; no Python runs between the reply and the caller.
-    The caller marks the batch (``settle``); ``finish`` only decides the slot's verdict."""
-
-    __slots__ = ("conn", "error", "request_id", "slot", "slots")
-
-    def __init__(
-        self,
-        batch: Batch,
-        pages: Pages,
-        start: int,
-        stop: int,
-        *,
-        plan: PagePlan,
-        conn: _Conn,
-        slot: int,
-    ) -> None:
-        super().__init__(batch, pages, start, stop, plan=plan)
-        assert conn.slots is not None  # the caller took the slot from them
-        self.conn, self.slots, self.slot = conn, conn.slots, slot
-        self.error: TransferError | None = None
-        self.request_id = 0
-        # Armed before the frame exists: a send that fails even before registering it still
-        # finds an ARMED slot to fail. Request id 0 matches no reply.
-        self.slots.ids[slot] = 0
-        self.slots.states[slot] = _native.SLOT_ARMED
-
-    def frames(self, request_id: int) -> list[Any]:
-        self.request_id = request_id
-        self.slots.ids[self.slot] = request_id  # before the frame leaves: the reply may race it
-        return super().frames(request_id)
-
-    def finish(self, error: TransferError | None) -> None:
-        # A reply Python read (the native loop was not waiting), a connection that failed, or
-        # an error reply: the first verdict on the slot stands.
-        native = _native.load()
-        assert native is not None  # slots exist only with the native library
-        self.error = error
-        native.finish_slot(
-            self.slots, self.slot, _native.SLOT_OK if error is None else _native.SLOT_FAILED
-        )
-
-    def settle(self, native: _native.NativeCopier, spin_s: float) -> None:
-        """Wait for the slot's verdict (until the deadline), give the slot back and mark the
-        batch's requests of this frame."""
-        state = native.wait_slot(self.slots, self.slot, deadline=self.deadline, spin_s=spin_s)
-        timed_out = state == _native.SLOT_ARMED and native.finish_slot(
-            self.slots, self.slot, _native.SLOT_FAILED
-        )
-        conn = self.conn
-        with conn._lock:
-            state = int(self.slots.states[self.slot])
-            conn._pending.pop(self.request_id, None)
-            self.slots.ids[self.slot] = 0
-            self.slots.states[self.slot] = _native.SLOT_FREE
-            self.slots.free.append(self.slot)
-        if timed_out:
-            # No reply by the deadline: the stream may be stuck mid-frame, never reuse it (as
-            # the receiver's tick would); the batch names each request that timed out.
-            conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
-            self.batch._expire()
-        elif state == _native.SLOT_OK:
-            self.batch._done_range(self.start, self.stop)
-        else:
-            error = self.error or PeerUnavailable("connection closed", peer=conn.peer)
-            self.batch._fail_range(self.start, self.stop, error)
-
-
 def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
     try:
         conn.send(units)
@@ -965,8 +895,10 @@ class _Conn:
         self._send_lock = threading.Lock()  # one sender at a time; others leave frames in _queue
         self._queue: deque[list[Any]] = deque()
         self._ids = itertools.count(1)
-        # Requests whose OK reply the receiver thread takes in C (see _SyncPageVec).
+        # Requests whose OK reply the receiver thread takes in C (see TcpTransport.write_pages),
+        # and the error of each slot that Python failed (an error reply, the connection lost).
         self.slots = _native.ReplySlots(_REPLY_SLOTS) if _native.load() is not None else None
+        self.slot_errors: list[TransferError | None] = [None] * _REPLY_SLOTS
         self._thread = threading.Thread(
             target=self._receive_loop, name=f"kvstack-transfer-recv-{address}-{index}", daemon=True
         )
@@ -1017,17 +949,59 @@ class _Conn:
         return True
 
     def take_slot(self) -> int | None:
-        """A free reply slot (see _SyncPageVec), or None: none left, or no native library."""
+        """A free reply slot (see TcpTransport.write_pages), or None: none left, or no native
+        library."""
         with self._lock:
             if self.slots is None or not self.slots.free or not self.alive:
                 return None
             return self.slots.free.pop()
 
-    def give_slot(self, slot: int) -> None:
-        """Return a slot taken with ``take_slot`` and never armed."""
+    def arm_slot(self, slot: int) -> int | None:
+        """Give a taken slot its request's id, ARMED: a later ``fail`` fails it. None (not
+        armed) if the connection is gone already."""
         assert self.slots is not None
         with self._lock:
+            if not self.alive:
+                return None
+            request_id = next(self._ids)
+            self.slots.ids[slot] = request_id
+            self.slots.states[slot] = _native.SLOT_ARMED
+        return request_id
+
+    def give_slot(self, slot: int) -> TransferError | None:
+        """Return a slot taken with ``take_slot``; the error Python failed it with, if any."""
+        assert self.slots is not None
+        with self._lock:
+            error, self.slot_errors[slot] = self.slot_errors[slot], None
+            self.slots.ids[slot] = 0
+            self.slots.states[slot] = _native.SLOT_FREE
             self.slots.free.append(slot)
+        return error
+
+    def _fail_slots(self, error: TransferError) -> None:
+        """Fail every armed slot (the connection is gone); the caller holds ``_lock``."""
+        native = _native.load()
+        if native is None or self.slots is None:
+            return
+        for slot in np.flatnonzero(self.slots.states == _native.SLOT_ARMED).tolist():
+            self.slot_errors[slot] = error
+            native.finish_slot(self.slots, slot, _native.SLOT_FAILED)
+
+    def _slot_reply(self, request_id: int, error: TransferError | None) -> bool:
+        """A reply Python read for an armed slot (an error, or an OK the C loop did not see):
+        record its verdict; False if no armed slot has this request id."""
+        native = _native.load()
+        if native is None or self.slots is None or request_id == 0:
+            return False
+        with self._lock:
+            matches = np.flatnonzero(self.slots.ids == request_id).tolist()
+            if not matches:
+                return False
+            self.slot_errors[matches[0]] = error
+            native.finish_slot(
+                self.slots, matches[0], _native.SLOT_OK if error is None else _native.SLOT_FAILED
+            )
+        return True
 
     def unclaim(self, error: BaseException | None) -> None:
         """End a ``claim``: fail the connection if the caller's send failed, then send what
@@ -1062,6 +1036,12 @@ class _Conn:
                 with self._lock:
                     unit = self._pending.get(request_id)
                 if unit is None:
+                    if op is FrameOp.ERROR and length <= MAX_ERROR_BYTES:
+                        slot_error = _parse_error(reader.read(length, _always), self.peer)
+                        if self._slot_reply(request_id, slot_error):
+                            continue
+                    elif op is FrameOp.OK and length == 0 and self._slot_reply(request_id, None):
+                        continue
                     raise ProtocolError(
                         f"reply to unknown request {request_id}: {header!r}", peer=self.peer
                     )
@@ -1116,14 +1096,6 @@ class _Conn:
 
     def fail(self, exc: BaseException) -> None:
         """Close the connection and fail every request it carries."""
-        with self._lock:
-            if not self.alive:
-                return
-            self.alive = False
-            parts = list(self._pending.values())
-            self._pending.clear()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver and any blocked sender
         if isinstance(exc, PeerUnavailable | ProtocolError | AuthenticationFailed):
             error: TransferError = exc
         elif isinstance(exc, TransferTimeout):
@@ -1132,6 +1104,15 @@ class _Conn:
             )
         else:
             error = PeerUnavailable(f"connection lost: {exc}", peer=self.peer)
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+            parts = list(self._pending.values())
+            self._pending.clear()
+            self._fail_slots(error)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver and any blocked sender
         if parts:
             logger.warning(
                 "connection to %s lost with %d requests in flight: %s", self.peer, len(parts), exc
@@ -1220,14 +1201,10 @@ class TcpTransport:
         work.split(len(starts))
         return [_Part(work, view[s : s + stripe], r.remote_offset + s) for s in starts]
 
-    def submit_pages(
-        self, batch: Batch, pages: Pages, plan: PagePlan | None = None, *, wait: bool = False
-    ) -> None:
+    def submit_pages(self, batch: Batch, pages: Pages, plan: PagePlan | None = None) -> None:
         """Send a bounds-checked run of host pages, each at most ``page_max_bytes``, as
         vectored frames spread over the connections; each frame's pages finish together.
         ``plan``: the frames' layout, if the caller made it already (Engine's native path).
-        ``wait``: the caller waits for the batch anyway; a WRITE then returns only once the
-        batch is done, its replies taken without Python where it can (see _SyncPageVec).
 
         Raises (nothing sent) the error of connecting, if no connection to the peer is up.
         """
@@ -1254,13 +1231,6 @@ class TcpTransport:
         parallel = pages.op is Op.WRITE and plan.total >= _PARALLEL_PAGES_BYTES
         native = _native.load()
         if parallel and native is not None and all(len(frames) == 1 for _, frames in spans):
-            synced = self._sync_units(batch, pages, plan, spans) if wait else None
-            if synced is not None:
-                _send_at_once(native, synced)
-                spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
-                for _, unit in synced:
-                    unit.settle(native, spin_s)
-                return
             _send_at_once(
                 native,
                 [(conn, _PageVec(batch, pages, a, b, plan=plan)) for conn, ((a, b),) in spans],
@@ -1276,27 +1246,113 @@ class TcpTransport:
         for future in futures:
             future.result()
 
-    @staticmethod
-    def _sync_units(
+    def write_pages(
+        self,
         batch: Batch,
         pages: Pages,
-        plan: PagePlan,
-        spans: list[tuple[_Conn, list[tuple[int, int]]]],
-    ) -> list[tuple[_Conn, _SyncPageVec]] | None:
-        """One _SyncPageVec per connection's frame, a reply slot taken on each; None (no slot
-        kept) where a connection has none free."""
-        slots: list[int] = []
-        for conn, _ in spans:
-            slot = conn.take_slot()
-            if slot is None:
-                for (taken, _), given in zip(spans, slots, strict=False):
-                    taken.give_slot(given)
-                return None
-            slots.append(slot)
-        return [
-            (conn, _SyncPageVec(batch, pages, a, b, plan=plan, conn=conn, slot=slot))
-            for (conn, ((a, b),)), slot in zip(spans, slots, strict=True)
-        ]
+        *,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+        total: int,
+    ) -> bool:
+        """A page WRITE of ``total`` bytes whose caller waits (Engine.transfer_pages), from its
+        columns to the wire in one native call (kvstack_send_pages), its replies taken without
+        Python.
+
+        Each connection used gets a reply slot, armed with its frame's request id; the
+        receiver threads take the OK replies in C and the caller waits on the slots
+        (kvstack_await_replies, kvstack_wait_slot). Issue #3: before, the cold Python that laid
+        out and registered the frames took ~190 us before the first byte, and four receiver
+        threads finished the replies one after another under the GIL, ~100 us more (H200).
+
+        Returns False, nothing sent, where this path does not apply: small batches, a bad
+        request (the caller's general path names it), no free slot or a connection busy
+        sending; the pages then go the usual way. Otherwise the batch is finished on return.
+        ``pages.table`` (int64 [3, n]) receives the columns. Raises (nothing sent) the error
+        of connecting, if no connection to the peer is up.
+        """
+        native = _native.load()
+        n = len(local_offsets)
+        if native is None or total < _PARALLEL_PAGES_BYTES:
+            return False
+        conns = self._conns(pages.route.remote)
+        share = -(-n // max(1, min(len(conns), total // _PAGE_BYTES_PER_CONN)))
+        if share > _VEC_MAX:
+            return False
+        conns = conns[: -(-n // share)]
+        rows = np.zeros((len(conns), _native.SEND_PAGES_CONN), dtype=np.int64)
+        held: list[tuple[_Conn, int]] = []  # a slot taken and the socket claimed
+        sent = False
+        try:
+            for i, conn in enumerate(conns):
+                slot = conn.take_slot()
+                if slot is None:
+                    return False
+                if not conn.claim():
+                    conn.give_slot(slot)
+                    return False
+                held.append((conn, slot))
+                request_id = conn.arm_slot(slot)
+                if request_id is None:
+                    return False
+                rows[i, 0], rows[i, 1] = conn.sock.fileno(), request_id
+            remote = pages.route.remote
+            sent = (
+                native.send_pages(
+                    local_offsets,
+                    remote_offsets,
+                    lengths,
+                    local=(pages.local.address, pages.local.size_bytes),
+                    remote_size=remote.size_bytes,
+                    max_length=self.page_max_bytes,
+                    name=remote.name.encode(),
+                    table=pages.table,
+                    conns=rows,
+                    deadline=batch._deadline_of(0),
+                )
+                >= 0
+            )
+        finally:
+            if not sent:
+                for conn, slot in held:
+                    conn.give_slot(slot)
+                    conn.unclaim(None)
+        if not sent:
+            return False
+        for (conn, _), status in zip(held, rows[:, 2].tolist(), strict=True):
+            error: BaseException | None = None
+            if status == -errno.ETIMEDOUT:
+                error = TransferTimeout("sending", timeout_s=0.0, peer=conn.peer)
+            elif status:
+                error = OSError(-status, os.strerror(-status))
+            conn.unclaim(error)  # a failed send fails the connection, and so its slot
+        spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
+        deadline = batch._deadline_of(0)
+        expired = False
+        for i, (conn, slot) in enumerate(held):
+            assert conn.slots is not None  # take_slot gave one
+            state = native.wait_slot(conn.slots, slot, deadline=deadline, spin_s=spin_s)
+            if state == _native.SLOT_ARMED and native.finish_slot(
+                conn.slots, slot, _native.SLOT_FAILED
+            ):
+                # No reply by the deadline: never reuse a stream that may be stuck mid-frame
+                # (as the receiver's tick would); the batch names each request that timed out.
+                conn.give_slot(slot)
+                conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
+                expired = True
+                continue
+            slot_error = conn.give_slot(slot)
+            start, stop = i * share, min(n, (i + 1) * share)
+            if state == _native.SLOT_OK:
+                batch._done_range(start, stop)
+            else:
+                batch._fail_range(
+                    start, stop, slot_error or PeerUnavailable("connection closed", peer=conn.peer)
+                )
+        if expired:
+            batch._expire()
+        return True
 
     def _send_pool(self) -> ThreadPoolExecutor:
         with self._lock:
