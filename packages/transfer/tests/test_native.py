@@ -733,46 +733,36 @@ def test_await_replies_takes_oks_to_armed_slots_and_hands_back_the_rest(
     ok7, ok8 = pack(FrameOp.OK, 7), pack(FrameOp.OK, 8)
     error9 = pack(FrameOp.ERROR, 9, length=3)
     a.sendall(ok7 + ok8)  # 7 is armed: taken here; 8 is not: handed back whole
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, spin_s=0, out=out) == (
-        _native.REPLY_PUNT
-    )
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
     assert scratch[: out[0]].tobytes() == ok8
     assert slots.states.tolist() == [_native.SLOT_OK, _native.SLOT_ARMED, _native.SLOT_ARMED, 0]
     a.sendall(error9)  # an error reply to an armed request is Python's to read
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, spin_s=1e-3, out=out) == (
-        _native.REPLY_PUNT
-    )
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
     assert scratch[: out[0]].tobytes() == error9
     assert slots.states[1] == _native.SLOT_ARMED
     # A slot Python failed first keeps its verdict: its late OK goes to Python.
     assert copier.finish_slot(slots, 2, _native.SLOT_FAILED)
     assert not copier.finish_slot(slots, 2, _native.SLOT_OK)
     a.sendall(pack(FrameOp.OK, 11)[:20])  # half a header, then the tick
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, spin_s=0, out=out) == (
-        _native.REPLY_PUNT
-    )
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
     assert out[0] == 20
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, spin_s=0, out=out) == (
-        _native.REPLY_IDLE
-    )
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_IDLE)
     a.close()
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, spin_s=0, out=out) == (
-        _native.REPLY_EOF
-    )
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_EOF)
 
 
 def test_wait_slot_ends_at_the_verdict_or_the_deadline(copier: NativeCopier) -> None:
     slots = _native.ReplySlots(2)
     slots.states[:] = _native.SLOT_ARMED
     started = time.monotonic()
-    state = copier.wait_slot(slots, 0, deadline=started + 0.1, spin_s=0)
+    state = copier.wait_slot(slots, 0, deadline=started + 0.1)
     assert state == _native.SLOT_ARMED
     assert time.monotonic() - started >= 0.1
     # A verdict from another thread wakes a waiter that sleeps on the futex.
     timer = threading.Timer(0.05, copier.finish_slot, (slots, 1, _native.SLOT_FAILED))
     timer.start()
     started = time.monotonic()
-    state = copier.wait_slot(slots, 1, deadline=started + TIMEOUT_S, spin_s=0)
+    state = copier.wait_slot(slots, 1, deadline=started + TIMEOUT_S)
     timer.join()
     assert state == _native.SLOT_FAILED
     assert time.monotonic() - started < TIMEOUT_S / 2

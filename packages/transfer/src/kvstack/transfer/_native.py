@@ -142,13 +142,13 @@ class NativeCopier:
         )
         self._send_pages.restype = i64
         self._await_replies = library.kvstack_await_replies
-        self._await_replies.argtypes = (c_int, vp, vp, i64, vp, i64, vp)
+        self._await_replies.argtypes = (c_int, vp, vp, i64, vp, vp)
         self._await_replies.restype = i64
         self._finish_slot = library.kvstack_finish_slot
         self._finish_slot.argtypes = (vp, ctypes.c_int32)
         self._finish_slot.restype = c_int
         self._wait_slot = library.kvstack_wait_slot
-        self._wait_slot.argtypes = (vp, i64, i64)
+        self._wait_slot.argtypes = (vp, i64)
         self._wait_slot.restype = ctypes.c_int32
         self._library = library  # keeps the library loaded as long as its functions are used
 
@@ -431,13 +431,12 @@ class NativeCopier:
         )
 
     def await_replies(
-        self, fd: int, slots: ReplySlots, *, scratch: np.ndarray, spin_s: float, out: np.ndarray
+        self, fd: int, slots: ReplySlots, *, scratch: np.ndarray, out: np.ndarray
     ) -> int:
         """Wait for replies on socket ``fd``, taking each OK without payload to an armed slot
         of ``slots`` (see ReplySlots). Returns REPLY_PUNT (``out[0]`` bytes of a reply for
         Python are in ``scratch``, REPLY_SCRATCH bytes), REPLY_IDLE (the socket's tick passed)
-        or REPLY_EOF; OSError on a socket error. Polls up to ``spin_s`` per reply while a slot
-        is armed.
+        or REPLY_EOF; OSError on a socket error.
         """
         status = int(
             self._await_replies(
@@ -446,7 +445,6 @@ class NativeCopier:
                 slots.states.ctypes.data,
                 len(slots.ids),
                 scratch.ctypes.data,
-                int(spin_s * 1e9),
                 out.ctypes.data,
             )
         )
@@ -459,14 +457,10 @@ class NativeCopier:
         armed any more (the other side decided first)."""
         return bool(self._finish_slot(slots.states.ctypes.data + 4 * index, state))
 
-    def wait_slot(self, slots: ReplySlots, index: int, *, deadline: float, spin_s: float) -> int:
-        """Wait until slot ``index`` leaves ARMED or ``deadline`` (time.monotonic()) passes,
-        polling the first ``spin_s``; returns its state then."""
-        return int(
-            self._wait_slot(
-                slots.states.ctypes.data + 4 * index, int(deadline * 1e9), int(spin_s * 1e9)
-            )
-        )
+    def wait_slot(self, slots: ReplySlots, index: int, *, deadline: float) -> int:
+        """Wait until slot ``index`` leaves ARMED or ``deadline`` (time.monotonic()) passes;
+        returns its state then."""
+        return int(self._wait_slot(slots.states.ctypes.data + 4 * index, int(deadline * 1e9)))
 
     def hash_ranges(
         self,
@@ -669,7 +663,7 @@ def load() -> NativeCopier | None:
         if not _loaded:
             native = _load()
             if native is not None:
-                native.set_helper_spin(HELPER_SPIN_S if spare_cores() else 0.0)
+                native.set_helper_spin(HELPER_SPIN_S if _spare_cores() else 0.0)
             _loaded.append(native)
         return _loaded[0]
 
@@ -681,7 +675,7 @@ HELPER_SPIN_S = 200e-6
 _SPIN_MIN_CORES = 8
 
 
-def spare_cores() -> bool:
+def _spare_cores() -> bool:
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -106,10 +106,6 @@ _KNOWN_MAX = 64
 # Waited page WRITEs in flight at once per connection whose replies the receiver thread takes
 # natively (see TcpTransport.write_pages); more go the usual way.
 _REPLY_SLOTS = 16
-# While such a batch waits, its caller polls its slots this long, and the receiver threads
-# poll their sockets this long per reply, before they sleep: a sleeping thread is woken tens
-# of microseconds late on the GPU machines. Only where cores are plenty (_native.HELPER_SPIN_S).
-_REPLY_SPIN_S = 2e-3
 # Coalesced replies are sent once this many bytes wait (READ data starts flowing early).
 _FLUSH_BYTES = 256 << 10
 _MAX_TOKEN_BYTES = 4096
@@ -1023,14 +1019,11 @@ class _Conn:
         native = _native.load()
         scratch = np.empty(_native.REPLY_SCRATCH, dtype=np.uint8)
         out = np.zeros(1, dtype=np.int64)
-        spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
         fd = self.sock.fileno()
         try:
             while True:
                 if native is not None and self.slots is not None and reader.empty():
-                    self._await_native(
-                        native, reader, fd=fd, scratch=scratch, out=out, spin_s=spin_s
-                    )
+                    self._await_native(native, reader, fd=fd, scratch=scratch, out=out)
                 header = reader.read(HEADER.size, self._any_expired)
                 op, _, request_id, _, length = unpack(header, peer=self.peer)
                 with self._lock:
@@ -1079,13 +1072,12 @@ class _Conn:
         fd: int,
         scratch: np.ndarray,
         out: np.ndarray,
-        spin_s: float,
     ) -> None:
         """Let C take replies to armed slots (kvstack_await_replies) until another reply comes:
         it is then in ``reader``, for the Python path."""
         assert self.slots is not None
         while True:
-            status = native.await_replies(fd, self.slots, scratch=scratch, spin_s=spin_s, out=out)
+            status = native.await_replies(fd, self.slots, scratch=scratch, out=out)
             if status == _native.REPLY_PUNT:
                 reader.push_front(scratch[: int(out[0])].tobytes())
                 return
@@ -1327,12 +1319,11 @@ class TcpTransport:
             elif status:
                 error = OSError(-status, os.strerror(-status))
             conn.unclaim(error)  # a failed send fails the connection, and so its slot
-        spin_s = _REPLY_SPIN_S if _native.spare_cores() else 0.0
         deadline = batch._deadline_of(0)
         expired = False
         for i, (conn, slot) in enumerate(held):
             assert conn.slots is not None  # take_slot gave one
-            state = native.wait_slot(conn.slots, slot, deadline=deadline, spin_s=spin_s)
+            state = native.wait_slot(conn.slots, slot, deadline=deadline)
             if state == _native.SLOT_ARMED and native.finish_slot(
                 conn.slots, slot, _native.SLOT_FAILED
             ):
