@@ -177,6 +177,48 @@ def test_copies_from_many_threads_at_once(copier: NativeCopier) -> None:
         np.testing.assert_array_equal(dst, expected)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_big_copies_where_helpers_poll_leave_the_caller_waiting(
+    copier: NativeCopier, threads: int
+) -> None:
+    # With helpers polling (hosts with cores to spare), a copy of 8 MiB or more is left to
+    # one more helper while the caller waits: bytes exact, alone and with other callers at
+    # once (one owns the pool, the others copy alone).
+    copier.set_helper_spin(0.005)
+    try:
+        rng = np.random.default_rng(12 + threads)
+        size = 12 * MiB
+        offsets = np.arange(0, size, 64 * KiB, dtype=np.int64)
+        lengths = np.full(len(offsets), 64 * KiB, dtype=np.int64)
+        jobs = [
+            (rng.integers(0, 256, size, dtype=np.uint8), np.zeros(size, dtype=np.uint8),
+             rng.permutation(offsets))
+            for _ in range(4)
+        ]  # fmt: skip
+        used: list[int] = []
+
+        def run(job: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+            src, dst, order = job
+            dsts, srcs = order + dst.ctypes.data, offsets + src.ctypes.data
+            for _ in range(5):
+                used.append(copier.copy_ranges(dsts, srcs, lengths, threads=threads))
+
+        run(jobs[0])
+        workers = [threading.Thread(target=run, args=(job,)) for job in jobs[1:]]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(TIMEOUT_S)
+        assert not any(t.is_alive() for t in workers)
+        assert all(1 <= u <= threads for u in used), used
+        for src, dst, order in jobs:
+            np.testing.assert_array_equal(
+                dst.reshape(-1, 64 * KiB)[order // (64 * KiB)], src.reshape(-1, 64 * KiB)
+            )
+    finally:
+        copier.set_helper_spin(0.0)
+
+
 def _helper_cpu_ticks() -> int:
     """CPU ticks (user + system) of the native copier's helper threads (named kvstack-copy)."""
     ticks = 0
