@@ -949,9 +949,13 @@ class Engine:
         batch.raise_for_errors()
 
     def _one(self, request: TransferRequest, transport: str | None) -> None:
-        local = self._segments.get(request.local)
-        if local is not None and self._cuda_one(request, local, transport):
-            return
+        # A CUDA segment already looked up takes _cuda_one; the first request to it (and every
+        # other) the general path, which caches the lookup.
+        info = self._cache.get(request.remote)
+        if info is not None and info.cuda_ipc is not None:
+            local = self._segments.get(request.local)
+            if local is not None and self._cuda_one(request, info, local, transport):
+                return
         batch = self._submit([request], transport=transport, sync=True)
         batch._wait(None)
         error = batch._errors[0]
@@ -959,20 +963,19 @@ class Engine:
             raise error
 
     def _cuda_one(
-        self, request: TransferRequest, local: LocalSegment, transport: str | None
+        self,
+        request: TransferRequest,
+        info: SegmentInfo,
+        local: LocalSegment,
+        transport: str | None,
     ) -> bool:
         """One request to or from another process's CUDA segment, copied here without a
         Batch: a 1 GiB copy on an H100 takes ~750 us, and the general path's Python around
         it (Batch, Work, route, slicing) took ~110 us of that again (issue #3's cuda row).
-        False (nothing done) when the request goes elsewhere or fails a check: the general
-        path then moves it or raises its precise error."""
+        ``info``: the remote segment's cached record. False (nothing done) when the request
+        goes elsewhere or fails a check: the general path then moves it or raises its precise
+        error."""
         if self._closed:
-            return False
-        try:
-            info = self.lookup(request.remote)
-        except TransferError:
-            return False
-        if info.cuda_ipc is None:
             return False
         try:
             if self._pick(info, transport) is not self._cuda:
@@ -1089,8 +1092,10 @@ class Engine:
         request = TransferRequest(
             op, _TENSOR, 0, remote, remote_offset, segment.size_bytes, timeout_s
         )
-        if self._cuda_one(request, segment, transport):
-            return
+        info = self._cache.get(remote)
+        if info is not None and info.cuda_ipc is not None:
+            if self._cuda_one(request, info, segment, transport):
+                return
         batch = self._submit([request], transport=transport, sync=True, buffers=(segment,))
         batch._wait(None)
         error = batch._errors[0]
