@@ -595,6 +595,35 @@ def test_a_waited_write_batch_takes_its_replies_natively_and_gives_its_slots_bac
     assert calls == (["send_pages"] * 5 if copy_path == "native" else [])
 
 
+def test_a_waited_write_batch_whose_replies_python_reads_still_finishes(
+    metadata_url: str, peer: PeerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reply can reach Python's reader first (bytes already buffered there): the OK of an
+    # armed slot then settles it from Python. Here the receivers never wait in C at all.
+    replies: list[int] = []
+    slot_reply = _tcp._Conn._slot_reply
+
+    def spy(self: _tcp._Conn, request_id: int, error: TransferError | None) -> bool:
+        replies.append(request_id)
+        return slot_reply(self, request_id, error)
+
+    monkeypatch.setattr(_tcp._Conn, "_await_native", lambda *_, **__: None)
+    monkeypatch.setattr(_tcp._Conn, "_slot_reply", spy)
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=2)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        local[:] = random_bytes(73, SEG_BYTES)
+        offsets = np.arange(128) * SLOT
+        engine.transfer_pages(
+            Op.WRITE, "local", "kv", local_offsets=offsets, remote_offsets=offsets,
+            lengths=SLOT, transport="tcp",
+        )  # fmt: skip
+        expected = random_bytes(PEER_SEED, SEG_BYTES)
+        expected[: 128 * SLOT] = local[: 128 * SLOT]
+        assert peer.command(f"hash kv 0 {SEG_BYTES}") == _sha(expected)
+        native = any(c.slots is not None for c in _conns(engine))
+    assert len(replies) == (2 if native else 0)
+
+
 def test_a_waited_write_batch_without_free_slots_waits_the_usual_way(
     copy_path: str, metadata_url: str, peer: PeerProcess
 ) -> None:
