@@ -121,7 +121,7 @@ class CudaTransport:
     def __init__(self) -> None:
         self._host_id = host_id()
         self._available: bool | None = None
-        self._tensors: dict[str, Any] = {}  # IPC handle -> mapped tensor
+        self._tensors: dict[tuple[str, int, int], Any] = {}  # IPC handle -> mapped tensor
         self._lock = threading.Lock()
 
     def can_reach(self, peer: SegmentInfo) -> bool:
@@ -135,7 +135,10 @@ class CudaTransport:
         desc = info.cuda_ipc
         if desc is None:
             raise TransportUnavailable(f"segment {info.name!r} is not CUDA memory", peer=info.peer)
-        key = f"{desc['handle']}:{desc['storage_offset_bytes']}:{desc['tensor_offset']}"
+        key = (desc["handle"], desc["storage_offset_bytes"], desc["tensor_offset"])
+        tensor = self._tensors.get(key)  # a dict read needs no lock: the GIL orders it
+        if tensor is not None:
+            return tensor
         with self._lock:
             tensor = self._tensors.get(key)
             if tensor is None:

@@ -992,7 +992,11 @@ class Engine:
         ):
             return False
         started = time.monotonic()
-        region = local.region(request.local_offset, length, op=op.value, writing=reading)
+        region = (  # slicing a tensor costs several us of Python: not for the whole segment
+            local.cuda
+            if local.cuda is not None and request.local_offset == 0 and length == local.size_bytes
+            else local.region(request.local_offset, length, op=op.value, writing=reading)
+        )
         try:
             self._cuda.copy(info, region, request.remote_offset, reading=reading)
         except TransferError as exc:
