@@ -219,6 +219,48 @@ def test_big_copies_where_helpers_poll_leave_the_caller_waiting(
         copier.set_helper_spin(0.0)
 
 
+def test_helpers_join_and_leave_back_to_back_jobs_from_many_callers(copier: NativeCopier) -> None:
+    # Helpers join and leave jobs without the pool's lock. Hundreds of short jobs back to back
+    # from four threads, helpers polling between them, thread counts mixed: every copy whole,
+    # no job left waiting for a helper that never comes.
+    copier.set_helper_spin(0.002)
+    try:
+        rng = np.random.default_rng(13)
+        size = 1 * MiB
+        offsets = np.arange(0, size, 16 * KiB, dtype=np.int64)
+        lengths = np.full(len(offsets), 16 * KiB, dtype=np.int64)
+        errors: list[BaseException] = []
+
+        def run(seed: int) -> None:
+            local = np.random.default_rng(seed)
+            src = local.integers(0, 256, size, dtype=np.uint8)
+            try:
+                for i in range(150):
+                    dst = np.zeros_like(src)
+                    order = local.permutation(offsets)
+                    dsts, srcs = order + dst.ctypes.data, offsets + src.ctypes.data
+                    used = copier.copy_ranges(dsts, srcs, lengths, threads=[2, 8, 3, 5][i % 4])
+                    assert 1 <= used <= 8
+                    np.testing.assert_array_equal(
+                        dst.reshape(-1, 16 * KiB)[order // (16 * KiB)],
+                        src.reshape(-1, 16 * KiB),
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+
+        callers = [
+            threading.Thread(target=run, args=(int(rng.integers(1 << 30)),)) for _ in range(4)
+        ]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(TIMEOUT_S)
+        assert not any(t.is_alive() for t in callers)
+        assert not errors, errors[0]
+    finally:
+        copier.set_helper_spin(0.0)
+
+
 def _helper_cpu_ticks() -> int:
     """CPU ticks (user + system) of the native copier's helper threads (named kvstack-copy)."""
     ticks = 0

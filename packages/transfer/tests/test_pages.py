@@ -499,6 +499,7 @@ def test_big_tcp_write_batches_go_out_at_once(
     copy_path: str,
     metadata_url: str,
     peer: PeerProcess,
+    *,
     monkeypatch: pytest.MonkeyPatch,
     per_connection: int,
     blocking: bool,

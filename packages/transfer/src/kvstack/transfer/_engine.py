@@ -1097,9 +1097,12 @@ class Engine:
             op, _TENSOR, 0, remote, remote_offset, segment.size_bytes, timeout_s
         )
         info = self._cache.get(remote)
-        if info is not None and info.cuda_ipc is not None:
-            if self._cuda_one(request, info, segment, transport):
-                return
+        if (
+            info is not None
+            and info.cuda_ipc is not None
+            and self._cuda_one(request, info, segment, transport)
+        ):
+            return
         batch = self._submit([request], transport=transport, sync=True, buffers=(segment,))
         batch._wait(None)
         error = batch._errors[0]

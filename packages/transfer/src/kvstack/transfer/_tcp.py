@@ -993,10 +993,11 @@ class _Conn:
             matches = np.flatnonzero(self.slots.ids == request_id).tolist()
             if not matches:
                 return False
-            self.slot_errors[matches[0]] = error
-            native.finish_slot(
-                self.slots, matches[0], _native.SLOT_OK if error is None else _native.SLOT_FAILED
-            )
+            slot = matches[0]
+            earlier, self.slot_errors[slot] = self.slot_errors[slot], error  # before the wake
+            state = _native.SLOT_OK if error is None else _native.SLOT_FAILED
+            if not native.finish_slot(self.slots, slot, state):
+                self.slot_errors[slot] = earlier  # decided already: keep that verdict's error
         return True
 
     def unclaim(self, error: BaseException | None) -> None:
@@ -1324,15 +1325,16 @@ class TcpTransport:
         for i, (conn, slot) in enumerate(held):
             assert conn.slots is not None  # take_slot gave one
             state = native.wait_slot(conn.slots, slot, deadline=deadline)
-            if state == _native.SLOT_ARMED and native.finish_slot(
-                conn.slots, slot, _native.SLOT_FAILED
-            ):
-                # No reply by the deadline: never reuse a stream that may be stuck mid-frame
-                # (as the receiver's tick would); the batch names each request that timed out.
-                conn.give_slot(slot)
-                conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
-                expired = True
-                continue
+            if state == _native.SLOT_ARMED:
+                if native.finish_slot(conn.slots, slot, _native.SLOT_FAILED):
+                    # No reply by the deadline: never reuse a stream that may be stuck
+                    # mid-frame (as the receiver's tick would); the batch names each request
+                    # that timed out.
+                    conn.give_slot(slot)
+                    conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
+                    expired = True
+                    continue
+                state = int(conn.slots.states[slot])  # its verdict came just now
             slot_error = conn.give_slot(slot)
             start, stop = i * share, min(n, (i + 1) * share)
             if state == _native.SLOT_OK:
