@@ -738,7 +738,7 @@ def _send(conn: _Conn, units: Sequence[_Part | _VecPart | _PageVec]) -> None:
             unit.finish(exc)
 
 
-def _send_at_once(native: _native.NativeCopier, jobs: Sequence[tuple[_Conn, _PageVec]]) -> None:
+def _send_at_once(native: _native.NativeCopier, jobs: list[tuple[_Conn, _PageVec]]) -> None:
     """Send one WRITEV frame on each connection at once, on the native copier's helper
     threads (kvstack_send_parallel): no thread waits for the GIL to start its send (issue #3).
     A connection another thread is sending on gets its frame queued there instead."""
@@ -1209,30 +1209,19 @@ class TcpTransport:
         conns = conns[: max(1, min(len(conns), plan.total // _PAGE_BYTES_PER_CONN))]
         n = len(pages.lengths)
         share = -(-n // len(conns))
-        # Each connection's share of the pages, in frames of at most _VEC_MAX pages.
-        spans = [
-            (
-                conn,
-                [
-                    (a, min(a + _VEC_MAX, (c + 1) * share, n))
-                    for a in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
-                ],
-            )
-            for c, conn in enumerate(conns)
-        ]
-        spans = [(conn, frames) for conn, frames in spans if frames]
+        jobs: list[tuple[_Conn, list[_PageVec]]] = []
+        for c, conn in enumerate(conns):
+            units = [
+                _PageVec(batch, pages, start, min(start + _VEC_MAX, (c + 1) * share, n), plan=plan)
+                for start in range(c * share, min(n, (c + 1) * share), _VEC_MAX)
+            ]
+            if units:
+                jobs.append((conn, units))
         parallel = pages.op is Op.WRITE and plan.total >= _PARALLEL_PAGES_BYTES
         native = _native.load()
-        if parallel and native is not None and all(len(frames) == 1 for _, frames in spans):
-            _send_at_once(
-                native,
-                [(conn, _PageVec(batch, pages, a, b, plan=plan)) for conn, ((a, b),) in spans],
-            )
+        if parallel and native is not None and all(len(units) == 1 for _, units in jobs):
+            _send_at_once(native, [(conn, units[0]) for conn, units in jobs])
             return
-        jobs = [
-            (conn, [_PageVec(batch, pages, a, b, plan=plan) for a, b in frames])
-            for conn, frames in spans
-        ]
         futures = [self._send_pool().submit(_send, *job) for job in jobs[1:]] if parallel else []
         for conn, units in jobs[:1] if futures else jobs:
             _send(conn, units)
