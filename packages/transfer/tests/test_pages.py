@@ -31,6 +31,7 @@ from kvstack.transfer import (
     TransferTimeout,
     TransportUnavailable,
     _tcp,
+    _transport,
 )
 from kvstack.transfer._native import NativeCopier
 from kvstack.transfer._peer import PeerProcess, random_bytes
@@ -472,6 +473,58 @@ def test_bad_inputs_raise_typed_errors_before_any_byte_moves(
         (engine.transfer_pages if blocking else engine.submit_pages)(**call)
     # Request 0 was good: it must not have moved either.
     assert peer.command(f"hash kv 0 {SLOT}") == _sha(random_bytes(PEER_SEED, SLOT))
+
+
+def test_repeated_shm_batches_take_the_remembered_route_until_it_is_stale(
+    engine: Engine, start_peer: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second and later transfer_pages between two segments over shm skip the route's
+    # lookups (Engine._page_routes). A re-allocated local segment, a bad request and a
+    # restarted owner each go the usual way, with its errors, and the bytes stay right.
+    routed: list[int] = []
+    copy = _transport.PageRoute.copy
+
+    def spy(self: _transport.PageRoute, *columns: Any) -> int | None:
+        copied = copy(self, *columns)
+        routed.append(-1 if copied is None else copied)
+        return copied
+
+    monkeypatch.setattr(_transport.PageRoute, "copy", spy)
+    first = start_peer(f"kv-routed:{SEG_BYTES}:shm:{PEER_SEED}")
+    local = engine.allocate("local", SEG_BYTES)
+    offsets = np.arange(64, dtype=np.int64) * SLOT
+    call = {"local_offsets": offsets, "remote_offsets": offsets[::-1].copy(), "lengths": SLOT}
+    remote = random_bytes(PEER_SEED, SEG_BYTES)
+    for round_ in range(3):
+        local[:] = random_bytes(80 + round_, SEG_BYTES)
+        engine.transfer_pages(Op.WRITE, "local", "kv-routed", transport="shm", **call)
+        remote = _expected(remote, local, offsets[::-1], offsets, [SLOT] * 64)
+        assert first.command(f"hash kv-routed 0 {SEG_BYTES}") == _sha(remote)
+    assert routed == [64 * SLOT] * 2  # the first batch found the route, the next two took it
+    engine.unregister("local")
+    local = engine.allocate("local", SEG_BYTES)  # another mapping under the same name
+    local[:] = random_bytes(90, SEG_BYTES)
+    engine.transfer_pages(Op.WRITE, "local", "kv-routed", transport="shm", **call)
+    remote = _expected(remote, local, offsets[::-1], offsets, [SLOT] * 64)
+    assert first.command(f"hash kv-routed 0 {SEG_BYTES}") == _sha(remote)
+    assert len(routed) == 2  # the stale route was dropped unused
+    with pytest.raises(OutOfBounds) as bad:
+        engine.transfer_pages(
+            Op.WRITE, "local", "kv-routed", local_offsets=offsets,
+            remote_offsets=offsets + (SEG_BYTES - 32 * SLOT), lengths=SLOT, transport="shm",
+        )  # fmt: skip
+    assert bad.value.index == 32
+    first.kill()
+    with pytest.raises(BatchFailed, match="has exited") as gone:
+        engine.transfer_pages(Op.WRITE, "local", "kv-routed", transport="shm", **call)
+    assert all(isinstance(e, PeerUnavailable) for e in gone.value.failures.values())
+    second = start_peer(f"kv-routed:{SEG_BYTES}:shm:{PEER_SEED + 1}")
+    fresh = random_bytes(PEER_SEED + 1, SEG_BYTES)
+    for _ in range(2):
+        engine.transfer_pages(Op.WRITE, "local", "kv-routed", transport="shm", **call)
+    fresh = _expected(fresh, local, offsets[::-1], offsets, [SLOT] * 64)
+    assert second.command(f"hash kv-routed 0 {SEG_BYTES}") == _sha(fresh)
+    assert routed[-1] == 64 * SLOT  # the new owner's route, remembered and taken
 
 
 def test_out_of_bounds_keeps_index_and_fields(engine: Engine, peer: PeerProcess) -> None:
