@@ -43,6 +43,14 @@
 #include <emmintrin.h> /* SSE2: every x86-64 has it */
 #endif
 
+/* A polling loop's pause: lets the core's sibling run and saves power while it spins. */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+}
+
 /* ---- runs: ranges that continue each other on both sides go out as one memmove ----------- */
 
 struct run {
@@ -277,7 +285,7 @@ static int poll_for_job(sem_t *own, int index, uint64_t last)
             __atomic_load_n(&current, __ATOMIC_ACQUIRE) != NULL &&
             index < __atomic_load_n(&waking, __ATOMIC_RELAXED))
             return 1;
-        _mm_pause();
+        cpu_relax();
         if (k % 64 == 0 && now_ns() >= until)
             return 0;
     }
@@ -383,9 +391,7 @@ static int run_job(struct job *job, int wanted)
     wake_range(0, wanted);
     if (waits) { /* until every chunk is taken; then as if this thread had taken the last */
         while (__atomic_load_n(&job->next, __ATOMIC_RELAXED) < job->chunks) {
-#if defined(__x86_64__)
-            _mm_pause();
-#endif
+            cpu_relax();
         }
     } else {
         job->take(job);
@@ -396,9 +402,7 @@ static int run_job(struct job *job, int wanted)
     if (spin > 0) { /* cores are plenty: poll for the last helper rather than sleep */
         int64_t until = now_ns() + spin;
         for (unsigned k = 1; __atomic_load_n(&inside, __ATOMIC_SEQ_CST) > 0; k++) {
-#if defined(__x86_64__)
-            _mm_pause();
-#endif
+            cpu_relax();
             if (k % 64 == 0 && now_ns() >= until)
                 break;
         }

@@ -202,25 +202,12 @@ class NativeCopier:
         Returns the bytes copied, or ``-1 - i`` when request i has a negative value or a range
         outside either segment: then nothing was copied.
         """
-        # The C side reads n int64s from each column and writes 3n into the table: refuse
-        # anything else (attribute checks only; this runs per KV handoff).
-        columns = (
-            (local_offsets, remote_offsets)
-            if isinstance(lengths, int)
-            else (local_offsets, remote_offsets, lengths)
-        )
-        n = len(local_offsets)
-        for column in columns:
-            if not _int64_run(column, n):
-                raise ValueError(f"page columns must be {n} contiguous int64s each")
+        # The C side writes 3n int64s into the table: refuse anything else.
+        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
         if table is not None and not (
             table.dtype == np.int64 and table.size == 3 * n and table.flags.c_contiguous
         ):
             raise ValueError(f"the table must be 3 x {n} contiguous int64s")
-        if isinstance(lengths, int):
-            lengths_address, length = None, lengths
-        else:
-            lengths_address, length = lengths.ctypes.data, 0
         return int(
             self._pages(
                 local_offsets.ctypes.data,
@@ -255,19 +242,7 @@ class NativeCopier:
         address of each request's local bytes, the total bytes), or ``-1 - i`` when request
         i is bad (nothing was laid out).
         """
-        n = len(local_offsets)
-        columns = (
-            (local_offsets, remote_offsets)
-            if isinstance(lengths, int)
-            else (local_offsets, remote_offsets, lengths)
-        )
-        for column in columns:
-            if not _int64_run(column, n):
-                raise ValueError(f"page columns must be {n} contiguous int64s each")
-        if isinstance(lengths, int):
-            lengths_address, length = None, lengths
-        else:
-            lengths_address, length = lengths.ctypes.data, 0
+        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
         out = np.empty(6 * n, dtype=np.int64)  # table (3n), wire pairs (2n), addresses (n)
         address = out.ctypes.data
         total = int(
@@ -388,15 +363,7 @@ class NativeCopier:
         ``-1 - i`` when request i is bad, or SEND_PAGES_REFUSED (nothing sent either way).
         The caller owns each socket's sending during the call.
         """
-        n = len(local_offsets)
-        columns = (
-            (local_offsets, remote_offsets)
-            if isinstance(lengths, int)
-            else (local_offsets, remote_offsets, lengths)
-        )
-        for column in columns:
-            if not _int64_run(column, n):
-                raise ValueError(f"page columns must be {n} contiguous int64s each")
+        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
         if not (table.dtype == np.int64 and table.shape == (3, n) and table.flags.c_contiguous):
             raise ValueError(f"table must be a contiguous int64 [3, {n}] array")
         if not (
@@ -406,10 +373,6 @@ class NativeCopier:
             and conns.flags.c_contiguous
         ):
             raise ValueError(f"conns must be contiguous int64 rows of {SEND_PAGES_CONN}")
-        if isinstance(lengths, int):
-            lengths_address, length = None, lengths
-        else:
-            lengths_address, length = lengths.ctypes.data, 0
         return int(
             self._send_pages(
                 local_offsets.ctypes.data,
@@ -546,6 +509,26 @@ def _int64_run(array: np.ndarray, n: int) -> bool:
     return (
         array.dtype == np.int64 and array.ndim == 1 and array.flags.c_contiguous and len(array) == n
     )
+
+
+def _page_columns(
+    local_offsets: np.ndarray, remote_offsets: np.ndarray, lengths: np.ndarray | int
+) -> tuple[int, int | None, int]:
+    """(n, the address of the lengths column or None, the one length or 0) of a page batch's
+    columns; ValueError unless each is n contiguous int64s. The C side reads n int64s from
+    each: refuse anything else (attribute checks only; this runs per KV handoff)."""
+    n = len(local_offsets)
+    columns = (
+        (local_offsets, remote_offsets)
+        if isinstance(lengths, int)
+        else (local_offsets, remote_offsets, lengths)
+    )
+    for column in columns:
+        if not _int64_run(column, n):
+            raise ValueError(f"page columns must be {n} contiguous int64s each")
+    if isinstance(lengths, int):
+        return n, None, lengths
+    return n, lengths.ctypes.data, 0
 
 
 def _same_length(*arrays: np.ndarray) -> int:
