@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
-from kvstack.transfer import AuthenticationFailed, Engine, EngineConfig, _native, _tcp
+from kvstack.transfer import AuthenticationFailed, Engine, EngineConfig, OutOfBounds, _native, _tcp
 from kvstack.transfer._framing import HEADER, FrameOp, pack
 from kvstack.transfer._native import NativeCopier
 from kvstack.transfer._peer import PeerProcess
@@ -110,30 +111,45 @@ def _writev(
     sock.sendall(head + name + table + payload)
 
 
-def test_writev_frames_after_the_first_are_served_natively(
+def test_frames_of_a_known_segment_are_served_natively(
     copy_path: str, server: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The first WRITEV into a segment goes through Python; later ones on that connection are
-    # received and answered by one native call each, the other frames still by Python.
+    # The first frame for a host segment goes through Python; later READ, WRITE, READV and
+    # WRITEV frames for it on that connection are served by one native call each. A frame
+    # for another segment, or one the native call must not serve, is punted to Python.
     statuses: list[int] = []
-    serve_writev = NativeCopier.serve_writev
+    ops: list[int] = []
+    serve_frame = NativeCopier.serve_frame
 
     def spy(self: NativeCopier, *args: Any, **kwargs: Any) -> int:
-        statuses.append(serve_writev(self, *args, **kwargs))
+        statuses.append(serve_frame(self, *args, **kwargs))
+        ops.append(int(kwargs["out"][2]) if statuses[-1] == _native.SERVE_DONE else 0)
         return statuses[-1]
 
-    monkeypatch.setattr(NativeCopier, "serve_writev", spy)
+    monkeypatch.setattr(NativeCopier, "serve_frame", spy)
     seg = server.array("seg")
+    server.register("ro", b"read-only bytes", readonly=True)
     with _connect(server.address) as sock:
         assert _hello(sock, b"s3cret")[0] is FrameOp.OK
         for i in range(4):
             _writev(sock, 10 + i, b"seg", [(100 * i, b"ab"), (100 * i + 50, bytes([i]) * 3)])
             assert _reply(sock) == (FrameOp.OK, 10 + i, b"")
-        # Then a READ on the same connection (punted to Python), and more WRITEVs.
         sock.sendall(pack(FrameOp.READ, 20, name=b"seg", offset=300, length=5) + b"seg")
         assert _reply(sock) == (FrameOp.OK, 20, b"ab\x00\x00\x00")
-        _writev(sock, 21, b"seg", [(900, b"xyz")])
+        sock.sendall(pack(FrameOp.WRITE, 21, name=b"seg", offset=900, length=3) + b"seg" + b"xyz")
         assert _reply(sock) == (FrameOp.OK, 21, b"")
+        ranges = struct.pack("<4Q", 900, 3, 50, 3)
+        sock.sendall(pack(FrameOp.READV, 22, name=b"seg", offset=2, length=6) + b"seg" + ranges)
+        assert _reply(sock) == (FrameOp.OK, 22, b"xyz\x00\x00\x00")
+        # Another segment: punted the first time, then known (for reads: it is read-only).
+        for request_id in (30, 31):
+            sock.sendall(pack(FrameOp.READ, request_id, name=b"ro", offset=5, length=4) + b"ro")
+            assert _reply(sock) == (FrameOp.OK, request_id, b"only")
+        sock.sendall(pack(FrameOp.WRITE, 32, name=b"ro", offset=0, length=2) + b"ro" + b"no")
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "SegmentReadOnly")
+        sock.sendall(pack(FrameOp.READ, 33, name=b"ro", offset=0, length=4) + b"ro")
+        assert _reply(sock) == (FrameOp.OK, 33, b"read")
     for i in range(4):
         assert bytes(seg[100 * i : 100 * i + 2]) == b"ab"
         assert bytes(seg[100 * i + 50 : 100 * i + 53]) == bytes([i]) * 3
@@ -143,19 +159,68 @@ def test_writev_frames_after_the_first_are_served_natively(
         deadline = time.monotonic() + TIMEOUT_S
         while _native.SERVE_EOF not in statuses and time.monotonic() < deadline:
             time.sleep(0.01)
-        # frames 2-4 and the last one; the READ punted to Python; then the close
-        assert statuses == [_native.SERVE_DONE] * 3 + [_native.SERVE_PUNT] + [
-            _native.SERVE_DONE,
-            _native.SERVE_EOF,
-        ]
+        done, punt = _native.SERVE_DONE, _native.SERVE_PUNT
+        # WRITEVs 2-4, the READ, WRITE and READV; "ro" punted, then read natively; the
+        # WRITE into "ro" punted (Python refuses it); the last READ; then the close.
+        assert statuses == [done] * 6 + [punt, done, punt, done, _native.SERVE_EOF]
+        assert ops[:6] == [FrameOp.WRITEV] * 3 + [FrameOp.READ, FrameOp.WRITE, FrameOp.READV]
+        assert ops[7] == ops[9] == FrameOp.READ
     else:
         assert statuses == []
 
 
-def test_native_writev_server_refuses_what_python_refuses(copy_path: str, server: Engine) -> None:
-    # Once a connection serves WRITEVs natively, a bad frame still gets Python's error and
-    # changes no byte; a withdrawn segment is never written again, not even through the old
-    # mapping; a re-registered one is checked against its new size.
+def test_one_off_tcp_requests_take_the_lane_natively(
+    copy_path: str, server: Engine, metadata_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small one-off request goes out and gets its reply in one native call on the thread's
+    # lane; once the segment is looked up, without a Batch. A reply other than a plain OK
+    # (here an error from the owner) is handed to Python, which raises it by name, and the
+    # lane serves the next request.
+    statuses: list[int] = []
+    lane_call = NativeCopier.lane_call
+
+    def spy(self: NativeCopier, *args: Any, **kwargs: Any) -> int:
+        statuses.append(lane_call(self, *args, **kwargs))
+        return statuses[-1]
+
+    batches: list[int] = []
+    submit = Engine._submit
+
+    def count(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        batches.append(1)
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(NativeCopier, "lane_call", spy)
+    monkeypatch.setattr(Engine, "_submit", count)
+    seg = server.array("seg")
+    with Engine(EngineConfig(metadata_url=metadata_url, token="s3cret")) as client:
+        local = client.allocate("local", 1000)
+        local[:] = np.arange(1000, dtype=np.uint8) * 7
+        client.write("local", "seg", 999, local_offset=1, remote_offset=1, transport="tcp")
+        assert bytes(seg[1:1000]) == bytes(local[1:1000])
+        seg[100:300] = 9
+        client.read("local", "seg", 200, local_offset=3, remote_offset=100, transport="tcp")
+        assert bytes(local[3:203]) == b"\x09" * 200
+        client.write("local", "seg", 0, transport="tcp")
+        assert len(batches) == 1  # only the first request looked the segment up
+        server.unregister("seg")
+        server.register("seg", bytearray(10))  # smaller: the client's record is stale
+        with pytest.raises(OutOfBounds, match="'seg'"):
+            client.write("local", "seg", 20, transport="tcp")
+        client.write("local", "seg", 10, transport="tcp")  # looked up afresh
+        assert bytes(server.array("seg")) == bytes(local[:10])
+        assert len(batches) == 2
+    if copy_path == "native":
+        done, punt = _native.LANE_DONE, _native.LANE_PUNT
+        assert statuses == [done, done, done, punt, done]
+    else:
+        assert statuses == []
+
+
+def test_native_server_refuses_what_python_refuses(copy_path: str, server: Engine) -> None:
+    # Once a connection serves frames natively, a bad frame still gets Python's error and
+    # changes no byte; a withdrawn segment is never read or written again, not even through
+    # the old mapping; a re-registered one is checked against its new size.
     seg = server.array("seg")
     with _connect(server.address) as sock:
         assert _hello(sock, b"s3cret")[0] is FrameOp.OK
@@ -166,9 +231,21 @@ def test_native_writev_server_refuses_what_python_refuses(copy_path: str, server
         op, _, payload = _reply(sock)
         assert op is FrameOp.ERROR
         assert json.loads(payload)["type"] == "OutOfBounds"
+        # The same for single READs and WRITEs, their payload drained.
+        sock.sendall(pack(FrameOp.WRITE, 40, name=b"seg", offset=998, length=3) + b"seg" + b"no!")
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "OutOfBounds")
+        sock.sendall(pack(FrameOp.READ, 41, name=b"seg", offset=1001, length=0) + b"seg")
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "OutOfBounds")
+        sock.sendall(pack(FrameOp.READ, 42, name=b"seg", offset=0, length=2) + b"seg")
+        assert _reply(sock) == (FrameOp.OK, 42, b"ok")
         assert bytes(seg[:2]) == b"ok"
         server.unregister("seg")
         _writev(sock, 4, b"seg", [(0, b"no")])
+        op, _, payload = _reply(sock)
+        assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "SegmentNotFound")
+        sock.sendall(pack(FrameOp.READ, 43, name=b"seg", offset=0, length=2) + b"seg")
         op, _, payload = _reply(sock)
         assert (op, json.loads(payload)["type"]) == (FrameOp.ERROR, "SegmentNotFound")
         assert bytes(seg[:2]) == b"ok"
@@ -191,9 +268,7 @@ def test_native_writev_server_refuses_what_python_refuses(copy_path: str, server
     assert bytes(seg[:2]) == b"ok"
 
 
-def test_native_writev_server_survives_a_client_dying_mid_frame(
-    copy_path: str, server: Engine
-) -> None:
+def test_native_server_survives_a_client_dying_mid_frame(copy_path: str, server: Engine) -> None:
     seg = server.array("seg")
     with _connect(server.address) as sock:
         assert _hello(sock, b"s3cret")[0] is FrameOp.OK

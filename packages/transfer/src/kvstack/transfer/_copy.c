@@ -4,11 +4,12 @@
  *   kvstack_copy_pages   check a page batch's columns against both segments, then copy it
  *   kvstack_plan_pages   check them, and lay out a tcp page batch's frames
  *   kvstack_check_wire   check a received tcp frame's range table against a segment
- *   kvstack_serve_writev serve one tcp WRITEV frame (a page batch's) from socket to segment
+ *   kvstack_serve_frame  serve one tcp READ, WRITE, READV or WRITEV frame of a known segment
  *   kvstack_send_parallel send one frame on each of several sockets at once
  *   kvstack_send_pages   check a tcp page WRITE, lay out its frames and send them at once
  *   kvstack_await_replies take a tcp connection's replies to armed requests (client side)
  *   kvstack_wait_slot    wait for an armed request's reply (or its failure)
+ *   kvstack_lane_call    send one small tcp request and take its reply (client side)
  *   kvstack_hash_ranges  KVH-64 digest of each range, copying it on the way if asked
  *   kvstack_send_ranges  send ranges on a socket (one tcp frame's pages)
  *   kvstack_recv_ranges  receive into ranges from a socket
@@ -972,13 +973,14 @@ int kvstack_recv_ranges(int fd, const int64_t *addresses, const int64_t *lengths
     return 0;
 }
 
-/* ---- serving WRITEV frames ---------------------------------------------------------------
+/* ---- serving frames ----------------------------------------------------------------------
  *
- * The tcp server's page-batch path, issue #3: on the H100 machines a WRITEV frame waited
- * 100-240 us between its bytes arriving and the peer's Python thread starting to receive
- * them (a wake-up, then ~20 Python steps run cold, one connection's thread at a time under
- * the GIL). Here a connection's thread waits for its next frame and, if it is a WRITEV into a
- * segment it already knows, checks it, receives its pages and replies OK without the GIL.
+ * The tcp server's hot paths, issue #3: on the H100 machines a WRITEV frame waited 100-240 us
+ * between its bytes arriving and the peer's Python thread starting to receive them (a wake-up,
+ * then ~20 Python steps run cold, one connection's thread at a time under the GIL), and a
+ * 4 KiB WRITE spent more in the server's Python than on the wire. Here a connection's thread
+ * waits for its next frame and, if it reads or writes a segment it already knows, checks it,
+ * moves its bytes and replies without the GIL.
  *
  * Anything else is handed back to Python ("punted") with the bytes read so far, which Python
  * then handles as before: other ops, unknown segments, bad frames (Python names the error),
@@ -990,8 +992,11 @@ int kvstack_recv_ranges(int fd, const int64_t *addresses, const int64_t *lengths
  * values, _MAX_NAME_BYTES and _tcp._VEC_MAX; _native.SERVE_SCRATCH repeats the sum. */
 #define SERVE_SCRATCH (32 + 4096 + 16 * 1024)
 #define FRAME_HEADER 32
-#define OP_WRITEV 7
+#define OP_READ 2
+#define OP_WRITE 3
 #define OP_OK 4
+#define OP_READV 6
+#define OP_WRITEV 7
 enum { SERVE_DONE = 0, SERVE_PUNT = 1, SERVE_IDLE = 2, SERVE_EOF = 3, SERVE_STALL = 4 };
 
 static int64_t now_ns(void)
@@ -1019,11 +1024,17 @@ static int read_exact(int fd, char *buf, int64_t n, int64_t *got)
     return SERVE_DONE;
 }
 
+/* A socket call's -errno as a SERVE_* status. */
+static int64_t io_status(int r)
+{
+    return r == -EAGAIN || r == -EWOULDBLOCK ? SERVE_STALL : r;
+}
+
 /* out[0]: DONE: the payload's bytes; PUNT: the bytes left in scratch for Python. out[1]: the
- * request id (DONE). Returns a SERVE_* status or -errno. */
-int64_t kvstack_serve_writev(int fd, const int64_t *segments, int64_t n, const char *names,
-                             const volatile int64_t *generation, int64_t expected, char *scratch,
-                             int64_t poll_ns, int64_t *out)
+ * request id (DONE); out[2]: the op served (DONE). Returns a SERVE_* status or -errno. */
+int64_t kvstack_serve_frame(int fd, const int64_t *segments, int64_t n, const char *names,
+                            const volatile int64_t *generation, int64_t expected, char *scratch,
+                            int64_t poll_ns, int64_t *out)
 {
     int64_t got = 0;
     out[0] = 0;
@@ -1057,13 +1068,16 @@ int64_t kvstack_serve_writev(int fd, const int64_t *segments, int64_t n, const c
     out[0] = got;
     uint8_t version = (uint8_t)scratch[4], op = (uint8_t)scratch[5];
     uint16_t name_len;
-    uint64_t request_id, count, length;
+    uint64_t request_id, offset, length; /* READV, WRITEV: `offset` holds the range count */
     memcpy(&name_len, scratch + 6, 2);
     memcpy(&request_id, scratch + 8, 8);
-    memcpy(&count, scratch + 16, 8);
+    memcpy(&offset, scratch + 16, 8);
     memcpy(&length, scratch + 24, 8);
-    if (memcmp(scratch, "KVTE", 4) != 0 || version != 1 || op != OP_WRITEV || name_len > 4096 ||
-        count > 1024 || length > ((uint64_t)1 << 48))
+    int vector = op == OP_READV || op == OP_WRITEV;
+    int reading = op == OP_READ || op == OP_READV;
+    if (memcmp(scratch, "KVTE", 4) != 0 || version != 1 ||
+        (!vector && op != OP_READ && op != OP_WRITE) || name_len > 4096 ||
+        (vector && offset > 1024) || length > ((uint64_t)1 << 48))
         return SERVE_PUNT;
     status = read_exact(fd, scratch, FRAME_HEADER + name_len, &got);
     out[0] = got;
@@ -1075,45 +1089,59 @@ int64_t kvstack_serve_writev(int fd, const int64_t *segments, int64_t n, const c
         if (row[4] == name_len && memcmp(names + row[3], scratch + FRAME_HEADER, name_len) == 0)
             seg = row;
     }
-    if (seg == NULL || seg[2] /* read-only */)
+    if (seg == NULL || (!reading && seg[2] /* read-only */))
         return SERVE_PUNT;
-    char *table = scratch + FRAME_HEADER + name_len;
-    status = read_exact(fd, scratch, FRAME_HEADER + name_len + (int64_t)count * 16, &got);
-    out[0] = got;
-    if (status != SERVE_DONE)
-        return status;
+    /* Range 0 is the reply's header (reads); the payload's ranges follow. */
+    int64_t count = vector ? (int64_t)offset : 1;
+    int64_t addresses[1 + 1024], lengths[1 + 1024];
+    if (vector) {
+        char *table = scratch + FRAME_HEADER + name_len;
+        status = read_exact(fd, scratch, FRAME_HEADER + name_len + count * 16, &got);
+        out[0] = got;
+        if (status != SERVE_DONE)
+            return status;
+        if (kvstack_check_wire((const uint64_t *)(void *)table, count, (int64_t)length, seg[0],
+                               seg[1], addresses + 1, lengths + 1) != 0)
+            return SERVE_PUNT; /* Python names what is wrong */
+    } else {
+        if (offset > (uint64_t)seg[1] || length > (uint64_t)seg[1] - offset)
+            return SERVE_PUNT; /* out of bounds: Python names it */
+        addresses[1] = seg[0] + (int64_t)offset;
+        lengths[1] = (int64_t)length;
+    }
     if (*generation != expected) /* a segment was withdrawn meanwhile: Python re-checks */
         return SERVE_PUNT;
-    int64_t addresses[1024], lengths[1024];
-    if (kvstack_check_wire((const uint64_t *)(void *)table, (int64_t)count, (int64_t)length,
-                           seg[0], seg[1], addresses, lengths) != 0)
-        return SERVE_PUNT; /* Python names what is wrong */
+    /* The reply: OK; a READ's echoes its offset, a read's carries the payload. */
+    char reply[FRAME_HEADER] = {'K', 'V', 'T', 'E', 1, OP_OK, 0, 0};
+    uint64_t reply_offset = op == OP_READ ? offset : 0, reply_length = reading ? length : 0;
+    memcpy(reply + 8, &request_id, 8);
+    memcpy(reply + 16, &reply_offset, 8);
+    memcpy(reply + 24, &reply_length, 8);
+    addresses[0] = (int64_t)(intptr_t)reply;
+    lengths[0] = FRAME_HEADER;
     int64_t done = 0;
+    if (!reading) {
+        for (;;) {
+            int r = kvstack_recv_ranges(fd, addresses + 1, lengths + 1, count, NULL, 0, &done);
+            if (r == 0)
+                break;
+            if (r == 1)
+                return SERVE_EOF;
+            if (r != -EINTR)
+                return io_status(r);
+        }
+        done = 0;
+    }
     for (;;) {
-        int r = kvstack_recv_ranges(fd, addresses, lengths, (int64_t)count, NULL, 0, &done);
+        int r = kvstack_send_ranges(fd, addresses, lengths, reading ? 1 + count : 1, &done);
         if (r == 0)
             break;
-        if (r == 1)
-            return SERVE_EOF;
-        if (r == -EINTR)
-            continue;
-        return r == -EAGAIN || r == -EWOULDBLOCK ? SERVE_STALL : r;
-    }
-    char reply[FRAME_HEADER] = {'K', 'V', 'T', 'E', 1, OP_OK, 0, 0};
-    memcpy(reply + 8, &request_id, 8);
-    memset(reply + 16, 0, 16);
-    int64_t sent = 0;
-    while (sent < FRAME_HEADER) {
-        ssize_t k = send(fd, reply + sent, (size_t)(FRAME_HEADER - sent), MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN || errno == EWOULDBLOCK ? SERVE_STALL : -errno;
-        }
-        sent += k;
+        if (r != -EINTR)
+            return io_status(r);
     }
     out[0] = (int64_t)length;
     out[1] = (int64_t)request_id;
+    out[2] = op;
     return SERVE_DONE;
 }
 
@@ -1361,4 +1389,83 @@ int32_t kvstack_wait_slot(int32_t *state, int64_t deadline_ns)
 #endif
     }
     return value;
+}
+
+/* ---- one small request on a lane (client side) -------------------------------------------
+ *
+ * Issue #3's 4 KiB tcp latency: a lane call (the calling thread's own connection, _tcp._Lane)
+ * is one frame out and one reply back. Here both happen in one call without the GIL: send
+ * `head` (the frame's header and name) and, for a WRITE, `payload_len` bytes at `payload`; then
+ * take the reply, polling `poll_ns` for it before blocking (a sleeping thread is woken late).
+ * An OK to `request_id` carrying `dest_len` bytes (a READ's payload, received into `dest`; a
+ * WRITE's carries none) is LANE_DONE. Any other reply is LANE_PUNT with its first out[0]
+ * bytes in `scratch` (FRAME_HEADER bytes), for Python to read and name. LANE_TIMEOUT: the
+ * deadline passed (the socket's tick lets this be noticed); LANE_EOF: the peer closed. After
+ * anything but DONE the lane's stream may be mid-frame: Python never reuses it. */
+enum { LANE_DONE = 0, LANE_PUNT = 1, LANE_TIMEOUT = 2, LANE_EOF = 3 };
+
+int64_t kvstack_lane_call(int fd, const char *head, int64_t head_len, int64_t payload,
+                          int64_t payload_len, int64_t dest, int64_t dest_len, uint64_t request_id,
+                          int64_t poll_ns, int64_t deadline_ns, char *scratch, int64_t *out)
+{
+    out[0] = 0;
+    int64_t addresses[2] = {(int64_t)(intptr_t)head, payload};
+    int64_t lengths[2] = {head_len, payload_len};
+    int64_t done = 0;
+    for (;;) {
+        int r = kvstack_send_ranges(fd, addresses, lengths, 2, &done);
+        if (r == 0)
+            break;
+        if (r == -EAGAIN || r == -EWOULDBLOCK) {
+            if (now_ns() >= deadline_ns)
+                return LANE_TIMEOUT;
+        } else if (r != -EINTR) {
+            return r == -EPIPE || r == -ECONNRESET ? LANE_EOF : r;
+        }
+    }
+    int64_t got = 0;
+    int64_t until = now_ns() + poll_ns;
+    while (got == 0) {
+        ssize_t k = recv(fd, scratch, FRAME_HEADER, MSG_DONTWAIT);
+        if (k > 0)
+            got = k;
+        else if (k == 0)
+            return LANE_EOF;
+        else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return errno == ECONNRESET ? LANE_EOF : -errno;
+        else if (now_ns() >= until)
+            break;
+        else
+            sched_yield(); /* the peer may be queued on this very CPU: let it run */
+    }
+    for (;;) {
+        int status = read_exact(fd, scratch, FRAME_HEADER, &got);
+        out[0] = got;
+        if (status == SERVE_DONE)
+            break;
+        if (status == SERVE_EOF)
+            return LANE_EOF;
+        if (status != SERVE_STALL)
+            return status == -ECONNRESET ? LANE_EOF : status;
+        if (now_ns() >= deadline_ns)
+            return LANE_TIMEOUT;
+    }
+    uint64_t reply_id, length;
+    memcpy(&reply_id, scratch + 8, 8);
+    memcpy(&length, scratch + 24, 8);
+    if (memcmp(scratch, "KVTE", 4) != 0 || scratch[4] != 1 || scratch[5] != OP_OK ||
+        reply_id != request_id || length != (uint64_t)dest_len)
+        return LANE_PUNT;
+    int64_t received = 0;
+    for (;;) {
+        int status = read_exact(fd, (char *)(intptr_t)dest, dest_len, &received);
+        if (status == SERVE_DONE)
+            return LANE_DONE;
+        if (status == SERVE_EOF)
+            return LANE_EOF;
+        if (status != SERVE_STALL)
+            return status == -ECONNRESET ? LANE_EOF : status;
+        if (now_ns() >= deadline_ns)
+            return LANE_TIMEOUT;
+    }
 }

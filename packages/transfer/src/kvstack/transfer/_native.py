@@ -48,7 +48,7 @@ class NativeUnavailable(Exception):
 _I64P = ctypes.POINTER(ctypes.c_int64)
 
 
-# kvstack_serve_writev's statuses and scratch size (see _copy.c).
+# kvstack_serve_frame's statuses and scratch size (see _copy.c).
 SERVE_DONE, SERVE_PUNT, SERVE_IDLE, SERVE_EOF, SERVE_STALL = range(5)
 SERVE_SCRATCH = 32 + 4096 + 16 * 1024
 # int64s per unit of kvstack_send_parallel.
@@ -57,6 +57,9 @@ SEND_UNIT = 7
 SLOT_FREE, SLOT_ARMED, SLOT_OK, SLOT_FAILED = range(4)
 REPLY_PUNT, REPLY_IDLE, REPLY_EOF = 1, 2, 3
 REPLY_SCRATCH = 32
+# kvstack_lane_call's statuses and the scratch it reads a reply's header into.
+LANE_DONE, LANE_PUNT, LANE_TIMEOUT, LANE_EOF = range(4)
+LANE_SCRATCH = 32
 # int64s per connection row of kvstack_send_pages: socket, request id, status.
 SEND_PAGES_CONN = 3
 # kvstack_send_pages: the batch cannot go this way (too many pages a connection, no memory).
@@ -113,9 +116,9 @@ class NativeCopier:
         self._check_wire = library.kvstack_check_wire
         self._check_wire.argtypes = (ctypes.c_char_p, i64, i64, i64, i64, vp, vp)
         self._check_wire.restype = i64
-        self._serve_writev = library.kvstack_serve_writev
-        self._serve_writev.argtypes = (c_int, vp, i64, ctypes.c_char_p, vp, i64, vp, i64, vp)
-        self._serve_writev.restype = i64
+        self._serve_frame = library.kvstack_serve_frame
+        self._serve_frame.argtypes = (c_int, vp, i64, ctypes.c_char_p, vp, i64, vp, i64, vp)
+        self._serve_frame.restype = i64
         self._send_parallel = library.kvstack_send_parallel
         self._send_parallel.argtypes = (vp, i64, i64)
         self._send_parallel.restype = None
@@ -144,6 +147,11 @@ class NativeCopier:
         self._await_replies = library.kvstack_await_replies
         self._await_replies.argtypes = (c_int, vp, vp, i64, vp, vp)
         self._await_replies.restype = i64
+        self._lane_call = library.kvstack_lane_call
+        self._lane_call.argtypes = (
+            c_int, ctypes.c_char_p, i64, i64, i64, i64, i64, ctypes.c_uint64, i64, i64, vp, vp
+        )  # fmt: skip
+        self._lane_call.restype = i64
         self._finish_slot = library.kvstack_finish_slot
         self._finish_slot.argtypes = (vp, ctypes.c_int32)
         self._finish_slot.restype = c_int
@@ -284,7 +292,7 @@ class NativeCopier:
             return status
         return out[:count], out[count:]
 
-    def serve_writev(
+    def serve_frame(
         self,
         fd: int,
         segments: np.ndarray,
@@ -296,19 +304,21 @@ class NativeCopier:
         poll_s: float,
         out: np.ndarray,
     ) -> int:
-        """Wait for the next frame on socket ``fd`` and serve it if it is a WRITEV into one of
-        ``segments`` (int64 rows: base address, size, read-only, offset of the name in
-        ``names``, its length). ``generation``: the address of an int64 that must still equal
-        ``expected`` before any byte is written; ``scratch``: the address of SERVE_SCRATCH
-        bytes; ``out``: two int64s (see SERVE_*). Returns a SERVE_* status; OSError on a
-        socket error. The caller keeps every segment's memory mapped during the call.
+        """Wait for the next frame on socket ``fd`` and serve it if it is a WRITE, WRITEV or
+        READ of one of ``segments`` (int64 rows: base address, size, read-only, offset of the
+        name in ``names``, its length). ``generation``: the address of an int64 that must still
+        equal ``expected`` before any byte moves; ``scratch``: the address of SERVE_SCRATCH
+        bytes; ``out``: three int64s (SERVE_DONE: the payload's bytes, the request id, the
+        FrameOp served; SERVE_PUNT: the bytes left in scratch). Returns a SERVE_* status;
+        OSError on a socket error. The caller keeps every segment's memory mapped during the
+        call.
         """
         if not (segments.dtype == np.int64 and segments.flags.c_contiguous):
             raise ValueError("segments must be contiguous int64 rows")
-        if not (out.dtype == np.int64 and out.size >= 2 and out.flags.c_contiguous):
-            raise ValueError("out must be two contiguous int64s")
+        if not (out.dtype == np.int64 and out.size >= 3 and out.flags.c_contiguous):
+            raise ValueError("out must be three contiguous int64s")
         status = int(
-            self._serve_writev(
+            self._serve_frame(
                 fd,
                 segments.ctypes.data,
                 len(segments),
@@ -407,6 +417,47 @@ class NativeCopier:
                 slots.ids.ctypes.data,
                 slots.states.ctypes.data,
                 len(slots.ids),
+                scratch.ctypes.data,
+                out.ctypes.data,
+            )
+        )
+        if status < 0:
+            raise OSError(-status, os.strerror(-status))
+        return status
+
+    def lane_call(
+        self,
+        fd: int,
+        head: bytes,
+        *,
+        payload: int,
+        payload_len: int,
+        dest: int,
+        dest_len: int,
+        request_id: int,
+        poll_s: float,
+        deadline: float,
+        scratch: np.ndarray,
+        out: np.ndarray,
+    ) -> int:
+        """Send one frame on socket ``fd`` (``head``, then ``payload_len`` bytes at address
+        ``payload``) and take its reply: an OK to ``request_id`` with ``dest_len`` bytes,
+        received at address ``dest``, is LANE_DONE. Else LANE_PUNT (``out[0]`` bytes of the
+        reply are in ``scratch``, LANE_SCRATCH bytes), LANE_TIMEOUT (``deadline``, in
+        time.monotonic() seconds, passed) or LANE_EOF; OSError on a socket error.
+        """
+        status = int(
+            self._lane_call(
+                fd,
+                head,
+                len(head),
+                payload,
+                payload_len,
+                dest,
+                dest_len,
+                request_id,
+                int(poll_s * 1e9),
+                int(deadline * 1e9),
                 scratch.ctypes.data,
                 out.ctypes.data,
             )

@@ -205,20 +205,23 @@ class TcpServer:
                 if length > _MAX_FRAME_BYTES:  # never drain or allocate for such a frame
                     raise ProtocolError(f"frame of {length} bytes: {header!r}", peer=peer)
                 name = reader.read(name_len, _always).decode(errors="replace")
+                # Each returns the host segment it served natively servable bytes of, if any.
                 if op is FrameOp.READ:
-                    self._read(replies, request_id, name=name, offset=offset, length=length)
+                    served = self._read(
+                        replies, request_id, name=name, offset=offset, length=length
+                    )
                 elif op is FrameOp.WRITE:
-                    self._write(
+                    served = self._write(
                         reader, replies, request_id, name=name, offset=offset, length=length
                     )
                 elif op is FrameOp.READV or op is FrameOp.WRITEV:
-                    written = self._vector(
+                    served = self._vector(
                         reader, replies, op, request_id, name=name, count=offset, length=length
                     )
-                    if written is not None and known is not None:
-                        known.learn(name, written)
                 else:
                     raise ProtocolError(f"unexpected {op.name} frame {header!r}", peer=peer)
+                if served is not None and known is not None:
+                    known.learn(name, served)
         except ProtocolError as exc:
             logger.warning("closing connection from %s: %s", peer, exc)
             with contextlib.suppress(OSError, TransferError):
@@ -239,15 +242,15 @@ class TcpServer:
         native: _native.NativeCopier,
         known: _KnownSegments,
     ) -> None:
-        """Serve WRITEV frames into known segments without the GIL (kvstack_serve_writev) until
-        another frame comes: it is then in ``reader``, for the Python path."""
-        scratch = np.empty(_native.SERVE_SCRATCH, dtype=np.uint8)
-        out = np.zeros(2, dtype=np.int64)
+        """Serve frames that read or write known segments without the GIL
+        (kvstack_serve_frame) until another frame comes: it is then in ``reader``, for the
+        Python path."""
+        scratch, out = known.scratch, known.out
         fd = conn.fileno()
         while True:
             replies.flush()  # nothing owed while the native call waits
             known.refresh()
-            status = native.serve_writev(
+            status = native.serve_frame(
                 fd,
                 known.table,
                 known.names,
@@ -258,7 +261,8 @@ class TcpServer:
                 out=out,
             )
             if status == _native.SERVE_DONE:
-                _metrics.SERVED_WRITE.inc(int(out[0]))
+                served = _metrics.SERVED_READ if out[2] == FrameOp.READ else _metrics.SERVED_WRITE
+                served.inc(int(out[0]))
             elif status == _native.SERVE_PUNT:
                 reader.push_front(scratch[: int(out[0])].tobytes())
                 return
@@ -297,13 +301,16 @@ class TcpServer:
 
     def _read(
         self, replies: _Replies, request_id: int, *, name: str, offset: int, length: int
-    ) -> None:
+    ) -> LocalSegment | None:
+        """Serve a READ frame; returns the segment if it is host memory."""
         try:
-            region = self._segment(name).region(offset, length, op="read", writing=False)
+            segment = self._segment(name)
+            region = segment.region(offset, length, op="read", writing=False)
         except TransferError as exc:
             replies.add(error_frame(request_id, exc))
-            return
-        if not isinstance(region, np.ndarray):  # CUDA: stage through host memory
+            return None
+        host = isinstance(region, np.ndarray)
+        if not host:  # CUDA: stage through host memory
             staging = np.empty(length, dtype=np.uint8)
             copy_region(staging, region)
             region = staging
@@ -311,6 +318,7 @@ class TcpServer:
             [pack(FrameOp.OK, request_id, offset=offset, length=length), region.data], read=True
         )
         _metrics.SERVED_READ.inc(length)
+        return segment if host else None
 
     def _write(
         self,
@@ -321,17 +329,20 @@ class TcpServer:
         name: str,
         offset: int,
         length: int,
-    ) -> None:
+    ) -> LocalSegment | None:
+        """Serve a WRITE frame; returns the segment if it is host memory."""
         try:
-            region = self._segment(name).region(offset, length, op="write", writing=True)
+            segment = self._segment(name)
+            region = segment.region(offset, length, op="write", writing=True)
         except TransferError as exc:
             reader.skip(length, _always)  # the payload is on its way: keep the stream in step
             replies.add(error_frame(request_id, exc))
-            return
+            return None
         # Queued READ replies point at live memory: send them before this WRITE changes it, so
         # one connection's requests keep their order.
         replies.flush_reads()
-        if isinstance(region, np.ndarray):
+        host = isinstance(region, np.ndarray)
+        if host:
             reader.read_into(region.data, _always)
         else:
             staging = np.empty(length, dtype=np.uint8)
@@ -339,6 +350,7 @@ class TcpServer:
             copy_region(region, staging)
         replies.add([pack(FrameOp.OK, request_id)])
         _metrics.SERVED_WRITE.inc(length)
+        return segment if host else None
 
     def _vector(
         self,
@@ -351,7 +363,7 @@ class TcpServer:
         count: int,
         length: int,
     ) -> LocalSegment | None:
-        """Serve a READV/WRITEV frame; returns the host segment a WRITEV wrote into."""
+        """Serve a READV/WRITEV frame; returns the segment if it is host memory."""
         if count > _VEC_MAX or length > _MAX_FRAME_BYTES:
             raise ProtocolError(
                 f"vectored frame of {count} ranges, {length} bytes", peer=reader.peer
@@ -386,7 +398,7 @@ class TcpServer:
         if writing:
             replies.add([pack(FrameOp.OK, request_id)])
         (_metrics.SERVED_WRITE if writing else _metrics.SERVED_READ).inc(length)
-        return segment if writing and isinstance(checked, Ranges) else None
+        return segment if isinstance(checked, Ranges) else None
 
     @staticmethod
     def _vector_slow(
@@ -503,8 +515,8 @@ def _wire_error(
 
 
 class _KnownSegments:
-    """The host segments one served connection has written WRITEV frames into, as the table
-    kvstack_serve_writev reads: later frames into them are served without the GIL. Holding
+    """The host segments one served connection has had frames for, as the table
+    kvstack_serve_frame reads: later frames for them are served without the GIL. Holding
     the segments keeps their memory mapped while the native call may write into it; a withdrawn
     one is let go at the connection's next frame, or within the socket's tick (60 s) when idle.
     """
@@ -518,6 +530,9 @@ class _KnownSegments:
         self._segments: dict[str, LocalSegment] = {}
         self.table = np.zeros((0, 5), dtype=np.int64)
         self.names = b""
+        # kvstack_serve_frame's buffers, made once per connection.
+        self.scratch = np.empty(_native.SERVE_SCRATCH, dtype=np.uint8)
+        self.out = np.zeros(3, dtype=np.int64)
 
     def __bool__(self) -> bool:
         return bool(self._segments)
@@ -840,7 +855,8 @@ def _connect(address: str, *, owner: str, token: bytes, connect_timeout_s: float
 class _Lane:
     """A socket used by one thread at a time for one synchronous small request: the caller sends
     and reads the reply itself, so no receiver thread has to wake it (one thread hop less than
-    the pipelined connections; the 4 KiB latency case).
+    the pipelined connections; the 4 KiB latency case). With the native library, the request
+    and its reply are one call (kvstack_lane_call).
     """
 
     def __init__(self, address: str, *, owner: str, token: bytes, connect_timeout_s: float) -> None:
@@ -848,26 +864,94 @@ class _Lane:
         self.sock = _connect(address, owner=owner, token=token, connect_timeout_s=connect_timeout_s)
         self.reader = FrameReader(self.sock, peer=address, poll_s=_LANE_POLL_S)
         self.ids = itertools.count(1)
+        self.native = _native.load()
+        self.scratch = np.empty(_native.LANE_SCRATCH, dtype=np.uint8)
+        self.out = np.zeros(1, dtype=np.int64)
 
-    def call(self, part: _Part) -> TransferError | None:
-        """Send one part and read its reply; errors of the request itself are returned."""
+    def call(
+        self,
+        op: Op,
+        name: bytes,
+        offset: int,
+        *,
+        local: LocalSegment,
+        local_offset: int,
+        length: int,
+        deadline: float,
+    ) -> TransferError | None:
+        """Send one request (a WRITE's bytes from, or a READ's into, ``local``'s host memory
+        at ``local_offset``) and read its reply; errors of the request itself are returned.
+        Raises TransferTimeout at ``deadline``, and PeerUnavailable, ProtocolError or OSError
+        when the lane breaks."""
         request_id = next(self.ids)
-        send_buffers(self.sock, part.frames(request_id), peer=self.peer, expired=part.expired)
-        header = self.reader.read(HEADER.size, part.expired)
-        op, _, reply_id, _, length = unpack(header, peer=self.peer)
+        reading = op is Op.READ
+        frame_op = FrameOp.READ if reading else FrameOp.WRITE
+        head = pack(frame_op, request_id, name=name, offset=offset, length=length) + name
+        native = self.native
+        if native is not None:
+            address = local.address + local_offset
+            status = native.lane_call(
+                self.sock.fileno(),
+                head,
+                payload=0 if reading else address,
+                payload_len=0 if reading else length,
+                dest=address if reading else 0,
+                dest_len=length if reading else 0,
+                request_id=request_id,
+                poll_s=_LANE_POLL_S,
+                deadline=deadline,
+                scratch=self.scratch,
+                out=self.out,
+            )
+            if status == _native.LANE_DONE:
+                return None
+            if status == _native.LANE_TIMEOUT:
+                raise TransferTimeout("lane call", timeout_s=0, peer=self.peer)
+            if status == _native.LANE_EOF:
+                raise PeerUnavailable("connection closed", peer=self.peer)
+            # LANE_PUNT: a reply other than a plain OK, its header read; Python names it.
+            self.reader.push_front(self.scratch[: int(self.out[0])].tobytes())
+            return self._reply(request_id, reading, length, None, deadline)
+        assert local.host is not None  # the callers pass host segments only
+        view = local.host[local_offset : local_offset + length].data
+
+        def expired() -> bool:
+            return time.monotonic() > deadline
+
+        send_buffers(
+            self.sock, [head, view] if not reading else [head], peer=self.peer, expired=expired
+        )
+        return self._reply(request_id, reading, length, view, deadline)
+
+    def _reply(
+        self,
+        request_id: int,
+        reading: bool,
+        length: int,
+        view: memoryview | None,
+        deadline: float,
+    ) -> TransferError | None:
+        """Read the reply to ``request_id`` (a READ's payload into ``view``) and check it."""
+
+        def expired() -> bool:
+            return time.monotonic() > deadline
+
+        header = self.reader.read(HEADER.size, expired)
+        op, _, reply_id, _, reply_length = unpack(header, peer=self.peer)
         if reply_id != request_id:
             raise ProtocolError(
                 f"reply to request {reply_id}, expected {request_id}", peer=self.peer
             )
         if op is FrameOp.ERROR:
-            if length > MAX_ERROR_BYTES:
-                raise ProtocolError(f"error payload of {length} bytes", peer=self.peer)
-            return _parse_error(self.reader.read(length, _always), self.peer)
-        expected = part.length if part.op is Op.READ else 0
-        if op is not FrameOp.OK or length != expected:
-            raise ProtocolError(f"unexpected reply {header!r} to a {part.op}", peer=self.peer)
-        if length:
-            part.receive(self.reader)
+            if reply_length > MAX_ERROR_BYTES:
+                raise ProtocolError(f"error payload of {reply_length} bytes", peer=self.peer)
+            return _parse_error(self.reader.read(reply_length, _always), self.peer)
+        expected = length if reading else 0
+        if op is not FrameOp.OK or reply_length != expected or (reading and view is None):
+            kind = "READ" if reading else "WRITE"
+            raise ProtocolError(f"unexpected reply {header!r} to a {kind}", peer=self.peer)
+        if view is not None and reply_length:
+            self.reader.read_into(view, expired)
         return None
 
     def close(self) -> None:
@@ -1346,18 +1430,53 @@ class TcpTransport:
 
     def call(self, works: Sequence[Work]) -> None:
         """Like submit, but the caller waits: one small request goes over this thread's lane."""
-        limit = min(_LANE_MAX_BYTES, self._stripe_bytes)  # one unstriped, unstaged part only
-        if len(works) != 1 or works[0].request.length > limit or works[0].local.host is None:
+        if len(works) != 1 or not self.fits_lane(works[0].request.length, works[0].local):
             self.submit(works)
             return
         work = works[0]
+        r = work.request
         try:
-            (part,) = self._parts(work)
+            check_remote(work, work.remote.size_bytes)
+            work.local.check(r.local_offset, r.length, op=str(r.op), writing=r.op is Op.READ)
         except TransferError as exc:
             work.done(exc)
             return
+        index = work.index
+        work.done(
+            self.lane_call(
+                work.remote,
+                r.op,
+                remote=r.remote,
+                remote_offset=r.remote_offset,
+                local=work.local,
+                local_offset=r.local_offset,
+                length=r.length,
+                deadline=work.deadline,
+                timeout_s=work.batch._timeout_of(index),
+            )
+        )
+
+    def fits_lane(self, length: int, local: LocalSegment) -> bool:
+        """Whether a synchronous request of ``length`` bytes of ``local`` goes over a lane:
+        host memory, and one unstriped part."""
+        return length <= min(_LANE_MAX_BYTES, self._stripe_bytes) and local.host is not None
+
+    def lane_call(
+        self,
+        info: SegmentInfo,
+        op: Op,
+        *,
+        remote: str,
+        remote_offset: int,
+        local: LocalSegment,
+        local_offset: int,
+        length: int,
+        deadline: float,
+        timeout_s: float,
+    ) -> TransferError | None:
+        """One bounds-checked host request over this thread's lane to ``info``'s owner (see
+        fits_lane); its error, or None when it is done."""
         lanes: dict[str, _Lane] = self._lanes.__dict__.setdefault("by_owner", {})
-        info = work.remote
         lane = lanes.get(info.owner)
         try:
             if lane is None:
@@ -1372,7 +1491,15 @@ class TcpTransport:
                 lanes[info.owner] = lane
                 with self._lock:
                     self._all_lanes.add(lane)
-            error = lane.call(part)
+            return lane.call(
+                op,
+                remote.encode(),
+                remote_offset,
+                local=local,
+                local_offset=local_offset,
+                length=length,
+                deadline=deadline,
+            )
         except (OSError, TransferError) as exc:
             # A failed lane is never reused: its stream may be half read.
             if lane is not None:
@@ -1381,14 +1508,11 @@ class TcpTransport:
                 with self._lock:
                     self._all_lanes.discard(lane)
             if isinstance(exc, PeerUnavailable | ProtocolError | AuthenticationFailed):
-                error = exc
-            elif isinstance(exc, TransferTimeout):
-                error = TransferTimeout(
-                    work.describe(), timeout_s=work.batch._timeout_of(work.index), peer=info.peer
-                )
-            else:
-                error = PeerUnavailable(f"connection lost: {exc}", peer=info.peer)
-        part.finish(error)
+                return exc
+            if isinstance(exc, TransferTimeout):
+                what = f"{op} of {length} bytes at offset {remote_offset} of segment {remote!r}"
+                return TransferTimeout(what, timeout_s=timeout_s, peer=info.peer)
+            return PeerUnavailable(f"connection lost: {exc}", peer=info.peer)
 
     def submit(self, works: Sequence[Work]) -> None:
         by_owner: dict[str, list[Work]] = {}
