@@ -397,6 +397,55 @@ def test_copy_pages_names_the_first_bad_request_and_copies_nothing(
     np.testing.assert_array_equal(remote, before_remote)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("owner", ["live", "exited", "replaced", "removed"])
+def test_copy_route_copies_and_checks_the_owner_meanwhile(
+    copier: NativeCopier, tmp_path: Path, *, threads: int, owner: str
+) -> None:
+    # A remembered shm route copies like copy_pages and checks the remote owner (its pid, and
+    # the inode of its file) on the way: an exited owner or a replaced or removed file gives
+    # ROUTE_STALE, after the bytes went through the old mapping; a bad request copies nothing.
+    rng = np.random.default_rng(40 + threads)
+    local = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+    remote = rng.integers(0, 256, 2 * MiB, dtype=np.uint8)
+    path = tmp_path / "owner-file"
+    path.write_bytes(b"x")
+    inode = path.stat().st_ino
+    pid = os.getpid()
+    if owner == "exited":
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        pid = int(child.stdout)
+    elif owner == "replaced":
+        path.unlink()
+        (tmp_path / "other").write_bytes(b"y")  # keeps the old inode number from coming back
+        path.write_bytes(b"z")
+    elif owner == "removed":
+        path.unlink()
+    fields = np.array(
+        [local.ctypes.data, local.size, remote.ctypes.data, remote.size, 0, threads, 64 * KiB,
+         pid, inode],
+        dtype=np.int64,
+    )  # fmt: skip
+    assert len(fields) == _native.ROUTE_FIELDS
+    count, slot = 128, 16 * KiB
+    local_offsets = rng.choice(local.size // slot, count, replace=False) * slot
+    remote_offsets = rng.choice(remote.size // slot, count, replace=False) * slot
+    expected = _reference(remote, local, remote_offsets, local_offsets, np.full(count, slot))
+    copied = copier.copy_route(
+        fields.ctypes.data, os.fsencode(path), local_offsets, remote_offsets, slot
+    )
+    assert copied == (count * slot if owner == "live" else _native.ROUTE_STALE)
+    np.testing.assert_array_equal(remote, expected)  # copied either way
+    remote_offsets[7] = remote.size - slot + 1  # one byte past the end
+    before = remote.copy()
+    copied = copier.copy_route(
+        fields.ctypes.data, os.fsencode(path), local_offsets, remote_offsets, slot
+    )
+    assert copied == -1 - 7
+    np.testing.assert_array_equal(remote, before)
+
+
 @pytest.mark.parametrize(
     "bad",
     ["int32-column", "strided-column", "short-column", "short-table", "int32-table"],

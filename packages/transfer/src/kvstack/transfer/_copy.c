@@ -2,6 +2,7 @@
  *
  *   kvstack_copy_ranges  copy ranges to ranges, shared by bytes with parked helper threads
  *   kvstack_copy_pages   check a page batch's columns against both segments, then copy it
+ *   kvstack_copy_route   kvstack_copy_pages on a remembered shm route, its owner checked meanwhile
  *   kvstack_plan_pages   check them, and lay out a tcp page batch's frames
  *   kvstack_check_wire   check a received tcp frame's range table against a segment
  *   kvstack_serve_frame  serve one tcp READ, WRITE, READV or WRITEV frame of a known segment
@@ -32,6 +33,8 @@
 #include <string.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
 #if defined(__linux__)
@@ -152,6 +155,9 @@ struct job {
     /* kvstack_send_parallel only: units are sockets (SEND_UNIT int64s each) */
     int64_t *sends;
     int64_t deadline_ns;
+    /* Run by the caller once the helpers are woken, before it copies (kvstack_copy_route). */
+    void (*aside)(void *);
+    void *aside_arg;
 };
 
 /* Copy bytes [lo, hi) of the batch's byte stream (range i holds bytes starts[i]..starts[i+1]). */
@@ -390,6 +396,8 @@ static int run_job(struct job *job, int wanted)
     __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&pool_lock);
     wake_range(0, wanted);
+    if (job->aside != NULL)
+        job->aside(job->aside_arg);
     if (waits) { /* until every chunk is taken; then as if this thread had taken the last */
         while (__atomic_load_n(&job->next, __ATOMIC_RELAXED) < job->chunks) {
             cpu_relax();
@@ -422,8 +430,11 @@ static int run_job(struct job *job, int wanted)
  * in no particular order. `stream`: long runs use streaming stores (copy_stream). Returns how
  * many threads copied: 1 when the batch was copied here alone (small, threads < 2, the pool
  * busy with another call, no memory for the table). */
-int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths,
-                        int64_t n, int threads, int stream)
+/* kvstack_copy_ranges, with `aside(aside_arg)` run on this thread while helpers copy (or
+ * before it copies alone), when not NULL. */
+static int copy_ranges_aside(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths,
+                             int64_t n, int threads, int stream, void (*aside)(void *),
+                             void *aside_arg)
 {
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++)
@@ -431,6 +442,8 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads < 2 || total < 2 * CHUNK_ALIGN) {
+        if (aside != NULL)
+            aside(aside_arg);
         copy_alone(dsts, srcs, lengths, n, stream);
         return 1;
     }
@@ -439,6 +452,8 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     int64_t *starts = busy ? NULL : malloc((size_t)(n + 1) * sizeof *starts);
     if (starts == NULL) {
         pthread_mutex_unlock(&pool_lock);
+        if (aside != NULL)
+            aside(aside_arg);
         copy_alone(dsts, srcs, lengths, n, stream);
         return 1;
     }
@@ -446,7 +461,7 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     for (int64_t i = 0; i < n; i++)
         starts[i + 1] = starts[i] + lengths[i];
     struct job job = {take_chunks, dsts, srcs, lengths, n, starts, total, 0, 0, 0, 0, stream,
-                      NULL, NULL, 0};
+                      NULL, NULL, 0, aside, aside_arg};
     int64_t chunk = total / ((int64_t)threads * CHUNKS_PER_THREAD);
     if (chunk > MAX_CHUNK_BYTES)
         chunk = MAX_CHUNK_BYTES;
@@ -456,6 +471,12 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
     int used = run_job(&job, wanted);
     free(starts);
     return used;
+}
+
+int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths,
+                        int64_t n, int threads, int stream)
+{
+    return copy_ranges_aside(dsts, srcs, lengths, n, threads, stream, NULL, NULL);
 }
 
 /* Issue #3's page batch in one call, for the shm path of Engine.submit_pages: request i moves
@@ -499,11 +520,12 @@ static void copy_table(int64_t *table, const int64_t *local_offsets,
     }
 }
 
-int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
-                           const int64_t *lengths, int64_t length, int64_t n, int64_t *table,
-                           int64_t local_base, int64_t local_size, int64_t remote_base,
-                           int64_t remote_size, int reading, int threads,
-                           int64_t bytes_per_thread)
+static int64_t copy_pages_aside(const int64_t *local_offsets, const int64_t *remote_offsets,
+                                const int64_t *lengths, int64_t length, int64_t n,
+                                int64_t *table, int64_t local_base, int64_t local_size,
+                                int64_t remote_base, int64_t remote_size, int reading,
+                                int threads, int64_t bytes_per_thread, void (*aside)(void *),
+                                void *aside_arg)
 {
     int64_t total = check_pages(local_offsets, remote_offsets, lengths, length, n, local_size,
                                 remote_size, INT64_MAX);
@@ -520,6 +542,8 @@ int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_o
             char *remote = (char *)(intptr_t)(remote_base + remote_offsets[i]);
             memmove(reading ? local : remote, reading ? remote : local, (size_t)len);
         }
+        if (aside != NULL)
+            aside(aside_arg);
         return total;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -530,12 +554,65 @@ int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_o
     int64_t wanted = bytes_per_thread > 0 ? total / bytes_per_thread : threads;
     if (wanted > threads)
         wanted = threads;
+    int used = wanted < 1 ? 1 : (int)wanted;
     if (reading)
-        kvstack_copy_ranges(locals, remotes, lens, n, wanted < 1 ? 1 : (int)wanted, 0);
+        copy_ranges_aside(locals, remotes, lens, n, used, 0, aside, aside_arg);
     else
-        kvstack_copy_ranges(remotes, locals, lens, n, wanted < 1 ? 1 : (int)wanted, 0);
+        copy_ranges_aside(remotes, locals, lens, n, used, 0, aside, aside_arg);
     free(columns);
     return total;
+}
+
+int64_t kvstack_copy_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
+                           const int64_t *lengths, int64_t length, int64_t n, int64_t *table,
+                           int64_t local_base, int64_t local_size, int64_t remote_base,
+                           int64_t remote_size, int reading, int threads,
+                           int64_t bytes_per_thread)
+{
+    return copy_pages_aside(local_offsets, remote_offsets, lengths, length, n, table, local_base,
+                            local_size, remote_base, remote_size, reading, threads,
+                            bytes_per_thread, NULL, NULL);
+}
+
+/* A remembered shm route (Engine.transfer_pages, _transport.PageRoute): kvstack_copy_pages
+ * between two segments whose addresses were worked out once, the remote owner checked on the
+ * way. `route` holds local base and size, remote base and size, reading, threads,
+ * bytes_per_thread, the owner's pid and the inode of its file at `path`. Issue #3: right after
+ * a 64 MiB copy, checking the owner from Python (a kill and a stat) cost 5-10 us of a 4 MiB
+ * batch's ~110; here this thread checks while the helpers copy.
+ *
+ * Returns the bytes copied; -1 - i for a bad request i (nothing copied); ROUTE_STALE when the
+ * owner has exited or its file was replaced: the bytes went to (or came from) the old mapping,
+ * which no live owner reads, and the caller must take the usual path, which redoes the batch
+ * or names what is wrong. */
+#define ROUTE_STALE INT64_MIN
+
+struct owner_check {
+    pid_t pid;
+    ino_t inode;
+    const char *path;
+    int ok;
+};
+
+static void check_owner(void *arg)
+{
+    struct owner_check *check = arg;
+    struct stat st;
+    check->ok = (kill(check->pid, 0) == 0 || errno == EPERM) && stat(check->path, &st) == 0 &&
+                st.st_ino == check->inode;
+}
+
+int64_t kvstack_copy_route(const int64_t *route, const char *path, const int64_t *local_offsets,
+                           const int64_t *remote_offsets, const int64_t *lengths, int64_t length,
+                           int64_t n)
+{
+    struct owner_check check = {(pid_t)route[7], (ino_t)route[8], path, 0};
+    int64_t total = copy_pages_aside(local_offsets, remote_offsets, lengths, length, n, NULL,
+                                     route[0], route[1], route[2], route[3], (int)route[4],
+                                     (int)route[5], route[6], check_owner, &check);
+    if (total < 0)
+        return total;
+    return check.ok ? total : ROUTE_STALE;
 }
 
 /* The tcp twin of kvstack_copy_pages: the same checks (and requests longer than max_length
@@ -840,7 +917,7 @@ int kvstack_hash_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
         out[i] = 0;
     }
     struct job job = {take_blocks, dsts, srcs, lengths, n, starts, starts[n], 0, 0, 0, 0, stream,
-                      out, NULL, 0};
+                      out, NULL, 0, NULL, NULL};
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     int used = 1;

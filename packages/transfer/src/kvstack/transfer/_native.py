@@ -51,6 +51,9 @@ _I64P = ctypes.POINTER(ctypes.c_int64)
 # kvstack_serve_frame's statuses and scratch size (see _copy.c).
 SERVE_DONE, SERVE_PUNT, SERVE_IDLE, SERVE_EOF, SERVE_STALL = range(5)
 SERVE_SCRATCH = 32 + 4096 + 16 * 1024
+# kvstack_copy_route: the int64s describing a route, and its "owner gone" result.
+ROUTE_FIELDS = 9
+ROUTE_STALE = -(1 << 63)
 # int64s per unit of kvstack_send_parallel.
 SEND_UNIT = 7
 # kvstack_await_replies: slot states, statuses and the scratch it reads a header into.
@@ -110,6 +113,9 @@ class NativeCopier:
         self._pages = library.kvstack_copy_pages
         self._pages.argtypes = (vp, vp, vp, i64, i64, vp, i64, i64, i64, i64, c_int, c_int, i64)
         self._pages.restype = i64
+        self._route = library.kvstack_copy_route
+        self._route.argtypes = (vp, ctypes.c_char_p, vp, vp, vp, i64, i64)
+        self._route.restype = i64
         self._plan = library.kvstack_plan_pages
         self._plan.argtypes = (vp, vp, vp, i64, i64, i64, i64, i64, i64, vp, vp, vp)
         self._plan.restype = i64
@@ -231,6 +237,34 @@ class NativeCopier:
                 int(reading),
                 threads,
                 bytes_per_thread,
+            )
+        )
+
+    def copy_route(
+        self,
+        route: int,
+        path: bytes,
+        local_offsets: np.ndarray,
+        remote_offsets: np.ndarray,
+        lengths: np.ndarray | int,
+    ) -> int:
+        """``copy_pages`` on a remembered shm route, its owner checked while the helpers copy.
+        ``route``: the address of ROUTE_FIELDS int64s (local base and size, remote base and
+        size, reading, threads, bytes per thread, the owner's pid, the inode of its file at
+        ``path``), kept alive by the caller. Returns ``copy_pages``'s results, or ROUTE_STALE:
+        the owner has exited or its file was replaced (the bytes moved through the old
+        mapping, which no live owner reads).
+        """
+        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
+        return int(
+            self._route(
+                route,
+                path,
+                local_offsets.ctypes.data,
+                remote_offsets.ctypes.data,
+                lengths_address,
+                length,
+                n,
             )
         )
 

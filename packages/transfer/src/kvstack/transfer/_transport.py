@@ -129,34 +129,18 @@ class PageRoute(NamedTuple):
     info: SegmentInfo
     local: LocalSegment
     region: ShmRegion  # the owner's file, mapped: kept mapped while the route is kept
-    path: str
-    inode: int
-    reading: bool
-    threads: int
-    bytes_per_thread: int
+    path: bytes  # the owner's file, checked per batch with the inode in ``fields``
+    fields: np.ndarray  # kvstack_copy_route's ROUTE_FIELDS int64s
+    fields_address: int
 
     def copy(
         self, local_offsets: np.ndarray, remote_offsets: np.ndarray, lengths: np.ndarray | int
     ) -> int | None:
-        """Check and copy one batch (int64 columns); the bytes copied, or None when nothing was
-        copied: the owner gone, its file replaced, a bad request. The caller then takes the
-        usual path, which says what is wrong."""
-        try:
-            if not is_alive(self.info.pid) or os.stat(self.path).st_ino != self.inode:
-                return None
-        except FileNotFoundError:
-            return None
-        local, region = self.local, self.region
-        copied = self.copier.copy_pages(
-            local_offsets,
-            remote_offsets,
-            lengths,
-            table=None,
-            local=(local.address, local.size_bytes),
-            remote=(region.address, self.info.size_bytes),
-            reading=self.reading,
-            threads=self.threads,
-            bytes_per_thread=self.bytes_per_thread,
+        """Check and copy one batch (int64 columns); the bytes copied, or None when the batch
+        must take the usual path, which says what is wrong: a bad request (nothing copied),
+        the owner gone or its file replaced (the bytes went through the old mapping)."""
+        copied = self.copier.copy_route(
+            self.fields_address, self.path, local_offsets, remote_offsets, lengths
         )
         return copied if copied >= 0 else None
 
@@ -313,9 +297,22 @@ class ShmTransport:
         except (TransferError, OSError):
             return None
         threads, bytes_per_thread = _memory.native_thread_policy()
-        return PageRoute(
-            copier, info, local, region, path, inode, reading, threads, bytes_per_thread
+        fields = np.array(
+            [
+                local.address,
+                local.size_bytes,
+                region.address,
+                info.size_bytes,
+                int(reading),
+                threads,
+                bytes_per_thread,
+                info.pid,
+                inode - (1 << 64) if inode >= 1 << 63 else inode,  # C reads it back as ino_t
+            ],
+            dtype=np.int64,
         )
+        assert len(fields) == _native.ROUTE_FIELDS
+        return PageRoute(copier, info, local, region, os.fsencode(path), fields, fields.ctypes.data)
 
     def copy_ranges(
         self,
