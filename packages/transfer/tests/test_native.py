@@ -108,18 +108,20 @@ def _reference(
     return expected
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize(("seed", "count", "top", "run"), LAYOUTS, ids=LAYOUT_IDS)
 def test_copy_ranges_matches_numpy(
-    copier: NativeCopier, *, seed: int, count: int, top: int, run: float, threads: int
-) -> None:
+    copier: NativeCopier, *, seed: int, count: int, top: int, run: float, threads: int,
+    stream: bool,
+) -> None:  # fmt: skip
     dsts, srcs, lengths, dst_bytes, src_bytes = _layout(seed, count, top, run)
     rng = np.random.default_rng(seed + 1000)
     src = rng.integers(0, 256, src_bytes, dtype=np.uint8)
     dst = rng.integers(0, 256, dst_bytes, dtype=np.uint8)  # poison: untouched bytes must stay
     expected = _reference(dst, src, dsts, srcs, lengths)
     used = copier.copy_ranges(
-        dsts + dst.ctypes.data, srcs + src.ctypes.data, lengths, threads=threads
+        dsts + dst.ctypes.data, srcs + src.ctypes.data, lengths, threads=threads, stream=stream
     )
     np.testing.assert_array_equal(dst, expected)
     assert 1 <= used <= threads

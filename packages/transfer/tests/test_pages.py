@@ -484,9 +484,9 @@ def test_repeated_shm_batches_take_the_remembered_route_until_it_is_stale(
     routed: list[int] = []
     copy = _transport.PageRoute.copy
 
-    def spy(self: _transport.PageRoute, *columns: Any) -> int | None:
+    def spy(self: _transport.PageRoute, *columns: Any) -> int:
         copied = copy(self, *columns)
-        routed.append(-1 if copied is None else copied)
+        routed.append(max(copied, -1))
         return copied
 
     monkeypatch.setattr(_transport.PageRoute, "copy", spy)

@@ -62,13 +62,16 @@ struct run {
     const char *src;
     size_t len;
     int stream;
+    int streamed; /* streaming stores were issued: fence them before reporting the copy done */
 };
 
 /* Streaming (non-temporal) stores from this many bytes of a run, when asked for: the copy
  * writes memory without first reading the destination's lines into the cache. For bytes this
- * process will not read again (a put into a store node's segment): 1 MiB into a cold shm
- * mapping took 39-41 us this way, 50-58 us with memcpy (2-core CI box). */
-#define STREAM_MIN (64 << 10)
+ * process will not read again (a put into a store node's segment, a WRITE into a peer's
+ * segment): 1 MiB into a cold shm mapping took 39-41 us this way, 50-58 us with memcpy (2-core
+ * CI box). Issue #3's page batch (256 scattered 16 KiB pages right after a 64 MiB copy, 8
+ * pinned threads in C, H200 host): 59-82 us this way, 98-111 with memcpy per page. */
+#define STREAM_MIN (4 << 10)
 
 static void copy_stream(char *dst, const char *src, size_t len)
 {
@@ -89,10 +92,21 @@ static void copy_stream(char *dst, const char *src, size_t len)
         _mm_stream_si128((__m128i *)(dst + i + 32), c);
         _mm_stream_si128((__m128i *)(dst + i + 48), d);
     }
-    _mm_sfence(); /* the stores are visible before whatever the caller does next (a commit) */
     memcpy(dst + body, src + body, len - body);
 #else
     memcpy(dst, src, len);
+#endif
+}
+
+/* After streaming stores: they are visible before whatever the caller does next (a commit,
+ * a reply). Once per chunk, not per run: a fence per 16 KiB page costs. */
+static void stream_fence(const struct run *run)
+{
+#if defined(__x86_64__)
+    if (run->streamed)
+        _mm_sfence();
+#else
+    (void)run;
 #endif
 }
 
@@ -101,9 +115,10 @@ static void run_flush(struct run *run)
     if (run->len == 0)
         return;
     int apart = run->dst + run->len <= run->src || run->src + run->len <= run->dst;
-    if (run->stream && apart && run->len >= STREAM_MIN)
+    if (run->stream && apart && run->len >= STREAM_MIN) {
         copy_stream(run->dst, run->src, run->len);
-    else
+        run->streamed = 1;
+    } else
         /* memmove, not memcpy: a range whose source and destination overlap (two mappings of
          * one shm file) stays as defined as it was with ctypes.memmove. Same speed otherwise. */
         memmove(run->dst, run->src, run->len);
@@ -172,7 +187,7 @@ static void copy_bytes(const struct job *job, int64_t lo, int64_t hi)
         else
             b = mid - 1;
     }
-    struct run run = {NULL, NULL, 0, job->stream};
+    struct run run = {NULL, NULL, 0, job->stream, 0};
     for (int64_t i = a; i < job->n && job->starts[i] < hi; i++) {
         int64_t begin = job->starts[i] > lo ? job->starts[i] : lo;
         int64_t end = job->starts[i + 1] < hi ? job->starts[i + 1] : hi;
@@ -183,6 +198,7 @@ static void copy_bytes(const struct job *job, int64_t lo, int64_t hi)
                 (const char *)(intptr_t)job->srcs[i] + skip, (size_t)(end - begin));
     }
     run_flush(&run);
+    stream_fence(&run);
 }
 
 static void take_chunks(struct job *job)
@@ -200,11 +216,12 @@ static void take_chunks(struct job *job)
 static void copy_alone(const int64_t *dsts, const int64_t *srcs, const int64_t *lengths, int64_t n,
                        int stream)
 {
-    struct run run = {NULL, NULL, 0, stream};
+    struct run run = {NULL, NULL, 0, stream, 0};
     for (int64_t i = 0; i < n; i++)
         run_add(&run, (char *)(intptr_t)dsts[i], (const char *)(intptr_t)srcs[i],
                 (size_t)lengths[i]);
     run_flush(&run);
+    stream_fence(&run);
 }
 
 /* The helper threads: started on first need, then parked on a semaphore each between calls.
@@ -489,7 +506,8 @@ int kvstack_copy_ranges(const int64_t *dsts, const int64_t *srcs, const int64_t 
  * its segment. Returns the bytes copied, or -1 - i for the first bad request i (nothing was
  * copied: the caller finds out what is wrong with i). With `table` (int64 [3, n]) the three
  * columns are also copied there. Shared by bytes with up to threads - 1 helpers, one per
- * bytes_per_thread of the batch. */
+ * bytes_per_thread of the batch. A WRITE's pages go into the peer's memory with streaming
+ * stores (see STREAM_MIN). */
 /* The checks of a page batch's columns (see kvstack_copy_pages), with requests longer than
  * max_length refused too: the total bytes, or -1 - i for the first bad request i. */
 static int64_t check_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
@@ -557,8 +575,8 @@ static int64_t copy_pages_aside(const int64_t *local_offsets, const int64_t *rem
     int used = wanted < 1 ? 1 : (int)wanted;
     if (reading)
         copy_ranges_aside(locals, remotes, lens, n, used, 0, aside, aside_arg);
-    else
-        copy_ranges_aside(remotes, locals, lens, n, used, 0, aside, aside_arg);
+    else /* into the peer's memory, which this process will not read: streaming stores */
+        copy_ranges_aside(remotes, locals, lens, n, used, 1, aside, aside_arg);
     free(columns);
     return total;
 }

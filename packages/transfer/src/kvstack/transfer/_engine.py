@@ -739,41 +739,6 @@ class Engine:
             op, segment, info, chosen.name, local_column, remote_column, length_column
         )
 
-    def _copy_on_route(
-        self,
-        route: PageRoute,
-        key: tuple[str, str, str | None, Op],
-        local_offsets: object,
-        remote_offsets: object,
-        lengths: object,
-    ) -> bool:
-        """transfer_pages over a remembered shm route: its segments still the ones named, its
-        columns int64 arrays. False (nothing copied, the route forgotten if it is stale) sends
-        the batch the usual way."""
-        if (
-            self._segments.get(key[0]) is not route.local
-            or self._cache.get(key[1]) is not route.info
-        ):
-            self._page_routes.pop(key, None)
-            return False
-        columns = _int64_columns(local_offsets, remote_offsets, lengths)
-        if columns is None:
-            return False
-        started = time.monotonic()
-        copied = route.copy(*columns)
-        if copied is None:
-            self._page_routes.pop(key, None)
-            return False
-        _metrics.record_done(
-            "shm",
-            route.info.peer,
-            key[3].value,
-            count=len(columns[0]),
-            length=copied,
-            seconds=time.monotonic() - started,
-        )
-        return True
-
     def _copy_pages_now(self, fast: _FastPages, table: np.ndarray | None) -> bool:
         """Check and copy a fast page batch over shm in one native call, metrics recorded;
         ``table`` (int64 [3, n]) receives its columns. False when nothing was done."""
@@ -979,13 +944,32 @@ class Engine:
         timeout_s: float | None = None,
     ) -> None:
         """``submit_pages``, wait, and raise BatchFailed naming every failed request, if any."""
-        self._check_pages_call(op, timeout_s)
+        # A remembered route first, before any other Python: right after a big copy every step
+        # is slow (issue #3). Only a valid op and an open engine ever have one (see close).
         key = (local, remote, transport, op)
         route = self._page_routes.get(key)
-        if route is not None and self._copy_on_route(
-            route, key, local_offsets, remote_offsets, lengths
-        ):
-            return
+        if route is not None and (timeout_s is None or timeout_s > 0):
+            if self._segments.get(local) is route.local and self._cache.get(remote) is route.info:
+                started = time.monotonic()
+                try:
+                    copied = route.copy(local_offsets, remote_offsets, lengths)
+                except ValueError:  # columns it cannot take: the usual path converts them
+                    copied = 0
+                if copied > 0:
+                    _metrics.record_done(
+                        "shm",
+                        route.info.peer,
+                        route.op,
+                        count=len(local_offsets),
+                        length=copied,
+                        seconds=time.monotonic() - started,
+                    )
+                    return
+                if copied < 0:  # the owner gone or replaced, a bad request: not again
+                    self._page_routes.pop(key, None)
+            else:  # a segment withdrawn or looked up afresh since
+                self._page_routes.pop(key, None)
+        self._check_pages_call(op, timeout_s)
         fast = self._fast_pages(
             op,
             local,

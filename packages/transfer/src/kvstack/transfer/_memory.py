@@ -558,12 +558,15 @@ def _memcpy_ranges_python(dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarra
     _share(len(bounds) - 1, copy_chunk)
 
 
-def memcpy_many(dsts: list[int], srcs: list[int], lengths: list[int]) -> None:
+def memcpy_many(
+    dsts: list[int], srcs: list[int], lengths: list[int], *, stream: bool = False
+) -> None:
     """``memcpy_ranges`` for lists of addresses and lengths (caller buffers)."""
     memcpy_ranges(
         np.array(dsts, dtype=np.int64),
         np.array(srcs, dtype=np.int64),
         np.array(lengths, dtype=np.int64),
+        stream=stream,
     )
 
 
@@ -571,7 +574,8 @@ def memcpy(dst: int, src: int, length: int, *, stream: bool = False) -> None:
     """Copy ``length`` bytes between two checked host addresses, in parallel when large.
 
     ``stream``: the destination's bytes will not be read by this process (a store put into a
-    node's segment): long copies bypass the cache instead of first reading each line into it.
+    node's segment, a WRITE into a peer's): long copies bypass the cache instead of first
+    reading each line into it.
     """
     threads = _native_threads(length) if length >= SHARED_COPY_BYTES else 1
     if threads > 1 or (stream and length >= STREAM_COPY_BYTES):

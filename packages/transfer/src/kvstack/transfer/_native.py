@@ -217,15 +217,17 @@ class NativeCopier:
         outside either segment: then nothing was copied.
         """
         # The C side writes 3n int64s into the table: refuse anything else.
-        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
+        n, local_address, remote_address, lengths_address, length = _page_columns(
+            local_offsets, remote_offsets, lengths
+        )
         if table is not None and not (
             table.dtype == np.int64 and table.size == 3 * n and table.flags.c_contiguous
         ):
             raise ValueError(f"the table must be 3 x {n} contiguous int64s")
         return int(
             self._pages(
-                local_offsets.ctypes.data,
-                remote_offsets.ctypes.data,
+                local_address,
+                remote_address,
                 lengths_address,
                 length,
                 n,
@@ -244,9 +246,9 @@ class NativeCopier:
         self,
         route: int,
         path: bytes,
-        local_offsets: np.ndarray,
-        remote_offsets: np.ndarray,
-        lengths: np.ndarray | int,
+        local_offsets: object,
+        remote_offsets: object,
+        lengths: object,
     ) -> int:
         """``copy_pages`` on a remembered shm route, its owner checked while the helpers copy.
         ``route``: the address of ROUTE_FIELDS int64s (local base and size, remote base and
@@ -255,13 +257,15 @@ class NativeCopier:
         the owner has exited or its file was replaced (the bytes moved through the old
         mapping, which no live owner reads).
         """
-        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
+        n, local_address, remote_address, lengths_address, length = _page_columns(
+            local_offsets, remote_offsets, lengths
+        )
         return int(
             self._route(
                 route,
                 path,
-                local_offsets.ctypes.data,
-                remote_offsets.ctypes.data,
+                local_address,
+                remote_address,
                 lengths_address,
                 length,
                 n,
@@ -284,13 +288,15 @@ class NativeCopier:
         address of each request's local bytes, the total bytes), or ``-1 - i`` when request
         i is bad (nothing was laid out).
         """
-        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
+        n, local_address, remote_address, lengths_address, length = _page_columns(
+            local_offsets, remote_offsets, lengths
+        )
         out = np.empty(6 * n, dtype=np.int64)  # table (3n), wire pairs (2n), addresses (n)
         address = out.ctypes.data
         total = int(
             self._plan(
-                local_offsets.ctypes.data,
-                remote_offsets.ctypes.data,
+                local_address,
+                remote_address,
                 lengths_address,
                 length,
                 n,
@@ -407,7 +413,9 @@ class NativeCopier:
         ``-1 - i`` when request i is bad, or SEND_PAGES_REFUSED (nothing sent either way).
         The caller owns each socket's sending during the call.
         """
-        n, lengths_address, length = _page_columns(local_offsets, remote_offsets, lengths)
+        n, local_address, remote_address, lengths_address, length = _page_columns(
+            local_offsets, remote_offsets, lengths
+        )
         if not (table.dtype == np.int64 and table.shape == (3, n) and table.flags.c_contiguous):
             raise ValueError(f"table must be a contiguous int64 [3, {n}] array")
         if not (
@@ -419,8 +427,8 @@ class NativeCopier:
             raise ValueError(f"conns must be contiguous int64 rows of {SEND_PAGES_CONN}")
         return int(
             self._send_pages(
-                local_offsets.ctypes.data,
-                remote_offsets.ctypes.data,
+                local_address,
+                remote_address,
                 lengths_address,
                 length,
                 n,
@@ -590,30 +598,36 @@ class NativeCopier:
         return _finished(status)
 
 
-def _int64_run(array: np.ndarray, n: int) -> bool:
-    return (
-        array.dtype == np.int64 and array.ndim == 1 and array.flags.c_contiguous and len(array) == n
-    )
+_INT64 = np.dtype(np.int64)
 
 
 def _page_columns(
-    local_offsets: np.ndarray, remote_offsets: np.ndarray, lengths: np.ndarray | int
-) -> tuple[int, int | None, int]:
-    """(n, the address of the lengths column or None, the one length or 0) of a page batch's
-    columns; ValueError unless each is n contiguous int64s. The C side reads n int64s from
-    each: refuse anything else (attribute checks only; this runs per KV handoff)."""
-    n = len(local_offsets)
+    local_offsets: object, remote_offsets: object, lengths: object
+) -> tuple[int, int, int, int | None, int]:
+    """(n, the addresses of the offset columns, that of the lengths column or None, the one
+    length or 0) of a page batch's columns; ValueError unless each is n contiguous int64s
+    (numpy arrays: lists are refused too) and ``lengths`` such a column or an int. The C side
+    reads n int64s from each. Attribute checks only, in one frame: this runs per KV handoff,
+    right after other big copies have made every Python step slow (issue #3)."""
+    scalar = isinstance(lengths, int)
     columns = (
-        (local_offsets, remote_offsets)
-        if isinstance(lengths, int)
-        else (local_offsets, remote_offsets, lengths)
+        (local_offsets, remote_offsets) if scalar else (local_offsets, remote_offsets, lengths)
     )
+    n = len(local_offsets) if type(local_offsets) is np.ndarray else -1
+    addresses: list[int] = []
     for column in columns:
-        if not _int64_run(column, n):
+        if not (
+            type(column) is np.ndarray
+            and column.dtype == _INT64
+            and column.ndim == 1
+            and column.flags.c_contiguous
+            and len(column) == n
+        ):
             raise ValueError(f"page columns must be {n} contiguous int64s each")
+        addresses.append(column.ctypes.data)
     if isinstance(lengths, int):
-        return n, None, lengths
-    return n, lengths.ctypes.data, 0
+        return n, addresses[0], addresses[1], None, lengths
+    return n, addresses[0], addresses[1], addresses[2], 0
 
 
 def _same_length(*arrays: np.ndarray) -> int:

@@ -132,17 +132,16 @@ class PageRoute(NamedTuple):
     path: bytes  # the owner's file, checked per batch with the inode in ``fields``
     fields: np.ndarray  # kvstack_copy_route's ROUTE_FIELDS int64s
     fields_address: int
+    op: str  # "read" or "write", for the metrics
 
-    def copy(
-        self, local_offsets: np.ndarray, remote_offsets: np.ndarray, lengths: np.ndarray | int
-    ) -> int | None:
-        """Check and copy one batch (int64 columns); the bytes copied, or None when the batch
-        must take the usual path, which says what is wrong: a bad request (nothing copied),
-        the owner gone or its file replaced (the bytes went through the old mapping)."""
-        copied = self.copier.copy_route(
+    def copy(self, local_offsets: object, remote_offsets: object, lengths: object) -> int:
+        """Check and copy one batch (int64 columns, else ValueError); the bytes copied, or a
+        negative number when the batch must take the usual path, which says what is wrong: a
+        bad request (nothing copied), the owner gone or its file replaced (the bytes went
+        through the old mapping)."""
+        return self.copier.copy_route(
             self.fields_address, self.path, local_offsets, remote_offsets, lengths
         )
-        return copied if copied >= 0 else None
 
 
 class ShmTransport:
@@ -197,6 +196,7 @@ class ShmTransport:
         memcpy = _memory.memcpy
         memmove = ctypes.memmove
         big = _memory.SHARED_COPY_BYTES
+        streamed = _memory.STREAM_COPY_BYTES
         for work in works:
             info = work.route.remote
             r = work.request
@@ -217,8 +217,12 @@ class ShmTransport:
                     # GIL for it); cheaper per call than slicing two arrays for np.copyto.
                     local = work.local.address + r.local_offset
                     remote = region.address + r.remote_offset
-                    dst, src = (local, remote) if r.op is _READ else (remote, local)
-                    (memmove if r.length < big else memcpy)(dst, src, r.length)
+                    if r.op is _READ:
+                        (memmove if r.length < big else memcpy)(local, remote, r.length)
+                    elif r.length < streamed:
+                        memmove(remote, local, r.length)
+                    else:  # into the owner's memory, which we will not read: stream it
+                        memcpy(remote, local, r.length, stream=True)
                 else:
                     run_copy(work, region.array[r.remote_offset : r.remote_offset + r.length])
             except TransferError as exc:
@@ -242,7 +246,7 @@ class ShmTransport:
         if pages.op is _READ:
             _memory.memcpy_ranges(local_addresses, remote_addresses, pages.lengths)
         else:
-            _memory.memcpy_ranges(remote_addresses, local_addresses, pages.lengths)
+            _memory.memcpy_ranges(remote_addresses, local_addresses, pages.lengths, stream=True)
 
     def copy_page_columns(
         self,
@@ -312,7 +316,9 @@ class ShmTransport:
             dtype=np.int64,
         )
         assert len(fields) == _native.ROUTE_FIELDS
-        return PageRoute(copier, info, local, region, os.fsencode(path), fields, fields.ctypes.data)
+        op = "read" if reading else "write"
+        path_bytes = os.fsencode(path)
+        return PageRoute(copier, info, local, region, path_bytes, fields, fields.ctypes.data, op)
 
     def copy_ranges(
         self,
@@ -334,10 +340,10 @@ class ShmTransport:
             return False
         base = region.address
         remote_addresses = [base + offset for offset in remote_offsets]
-        dsts, srcs = (
-            (local_addresses, remote_addresses) if reading else (remote_addresses, local_addresses)
-        )
-        _memory.memcpy_many(dsts, srcs, lengths)
+        if reading:
+            _memory.memcpy_many(local_addresses, remote_addresses, lengths)
+        else:
+            _memory.memcpy_many(remote_addresses, local_addresses, lengths, stream=True)
         return True
 
     def close(self) -> None:
