@@ -527,6 +527,46 @@ def test_repeated_shm_batches_take_the_remembered_route_until_it_is_stale(
     assert routed[-1] == 64 * SLOT  # the new owner's route, remembered and taken
 
 
+def test_repeated_tcp_write_batches_take_the_remembered_route_until_it_is_stale(
+    metadata_url: str, start_peer: Callable[..., PeerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A waited tcp page WRITE between two segments is remembered too: later batches skip the
+    # lookups (Engine._fast_pages) and go straight to the wire. A killed owner fails its
+    # batch by name and drops the route; its successor gets a fresh one.
+    looked_up: list[int] = []
+    fast_pages = Engine._fast_pages
+
+    def spy(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(1)
+        return fast_pages(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_fast_pages", spy)
+    first = start_peer(f"kv-tcp:{SEG_BYTES}:shm:{PEER_SEED}")
+    with Engine(EngineConfig(metadata_url=metadata_url, tcp_connections=4)) as engine:
+        local = engine.allocate("local", SEG_BYTES)
+        offsets = np.arange(128, dtype=np.int64) * SLOT
+        call = {"local_offsets": offsets, "remote_offsets": offsets[::-1].copy(), "lengths": SLOT}
+        remote = random_bytes(PEER_SEED, SEG_BYTES)
+        for round_ in range(3):
+            local[:] = random_bytes(60 + round_, SEG_BYTES)
+            engine.transfer_pages(Op.WRITE, "local", "kv-tcp", transport="tcp", **call)
+            remote = _expected(remote, local, offsets[::-1], offsets, [SLOT] * 128)
+            assert first.command(f"hash kv-tcp 0 {SEG_BYTES}") == _sha(remote)
+        assert len(looked_up) == 1  # the first batch found the route, the next two took it
+        first.kill()
+        with pytest.raises(BatchFailed) as gone:
+            engine.transfer_pages(Op.WRITE, "local", "kv-tcp", transport="tcp", **call)
+        assert set(gone.value.failures) == set(range(128))
+        assert all(isinstance(e, PeerUnavailable) for e in gone.value.failures.values())
+        second = start_peer(f"kv-tcp:{SEG_BYTES}:shm:{PEER_SEED + 1}")
+        fresh = random_bytes(PEER_SEED + 1, SEG_BYTES)
+        for _ in range(2):
+            engine.transfer_pages(Op.WRITE, "local", "kv-tcp", transport="tcp", **call)
+        fresh = _expected(fresh, local, offsets[::-1], offsets, [SLOT] * 128)
+        assert second.command(f"hash kv-tcp 0 {SEG_BYTES}") == _sha(fresh)
+        assert len(looked_up) == 2  # looked up afresh once, then the new route taken
+
+
 def test_out_of_bounds_keeps_index_and_fields(engine: Engine, peer: PeerProcess) -> None:
     engine.allocate("local", SEG_BYTES)
     with pytest.raises(OutOfBounds) as info:

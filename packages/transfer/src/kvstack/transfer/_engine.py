@@ -46,6 +46,7 @@ from kvstack.transfer.errors import (
     SegmentNotFound,
     SegmentReadOnly,
     TransferError,
+    TransferTimeout,
     TransportUnavailable,
 )
 
@@ -55,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_NAME_CHARS = 255
 _READ = Op.READ  # hot loops: skip the enum descriptor
-# Remembered shm page routes per engine (a KV manager uses a handful of segment pairs).
+_WRITE = Op.WRITE
+# Remembered page routes per engine (a KV manager uses a handful of segment pairs).
 _PAGE_ROUTES_MAX = 64
 # Batches at least this long try the array path for KV-page handoffs (see _pages_fast_path).
 _PAGES_MIN = 8
@@ -116,6 +118,14 @@ def _int64_columns(
     if not isinstance(length_column, int) and len(length_column) != n:
         return None
     return local_column, remote_column, length_column
+
+
+class _TcpPageRoute(NamedTuple):
+    """transfer_pages WRITEs between two segments over tcp, remembered like shm's PageRoute:
+    the next batches skip the lookups (Engine._fast_pages) and go straight to the wire."""
+
+    info: SegmentInfo
+    local: LocalSegment
 
 
 class _FastPages(NamedTuple):
@@ -226,7 +236,7 @@ class Engine:
         self._published: dict[str, SegmentInfo] = {}
         self._cache: dict[str, SegmentInfo] = {}
         # (local, remote, transport, op) -> the shm route of the last transfer_pages between them
-        self._page_routes: dict[tuple[str, str, str | None, Op], PageRoute] = {}
+        self._page_routes: dict[tuple[str, str, str | None, Op], PageRoute | _TcpPageRoute] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._metadata: MetadataBackend = open_metadata(
@@ -764,35 +774,71 @@ class Engine:
         )
         return True
 
-    def _write_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
-        """A fast page WRITE over tcp, checked, sent and waited for in TcpTransport.write_pages;
-        the finished batch, or None when nothing was done (the batch goes the usual way)."""
-        n = len(fast.local_offsets)
-        lengths = fast.lengths
+    def _write_pages_waited(
+        self,
+        segment: LocalSegment,
+        info: SegmentInfo,
+        columns: tuple[np.ndarray, np.ndarray, np.ndarray | int],
+        timeout_s: float | None,
+    ) -> bool:
+        """A page WRITE over tcp whose caller waits, sent and waited for in
+        TcpTransport.write_pages, without a Batch unless some request failed: then BatchFailed
+        names each. False when nothing was sent (the batch goes the usual way)."""
+        local_offsets, remote_offsets, lengths = columns
+        started = time.monotonic()
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        n = len(local_offsets)
         total = n * lengths if isinstance(lengths, int) else int(lengths.sum())
-        route = Route(fast.info, "tcp", fast.op.value)
-        route.totals = [n, total]
-        pages = Pages(route, fast.segment, fast.op, np.empty((3, n), np.int64), timeout_s)
-        batch = Batch(
-            pages=pages,
-            default_timeout_s=self.config.request_timeout_s if timeout_s is None else timeout_s,
-            on_error=self._on_error,
-        )
-        batch._routes.append(route)
+        table = np.empty((3, n), np.int64)
         try:
-            if not self._tcp.write_pages(
-                batch,
-                pages,
-                local_offsets=fast.local_offsets,
-                remote_offsets=fast.remote_offsets,
+            outcome = self._tcp.write_pages(
+                info,
+                segment,
+                local_offsets=local_offsets,
+                remote_offsets=remote_offsets,
                 lengths=lengths,
                 total=total,
-            ):
-                return None
+                table=table,
+                deadline=started + timeout,
+            )
         except TransferError as exc:  # no connection to the peer: nothing was sent
-            pages.table[:] = (fast.local_offsets, fast.remote_offsets, lengths)
-            batch._fail_range(0, n, exc)
-        return batch
+            outcome = [(0, n, exc)]
+        if outcome is None:
+            return False
+        if all(error is None for _, _, error in outcome):
+            _metrics.record_done(
+                "tcp",
+                info.peer,
+                _WRITE.value,
+                count=n,
+                length=total,
+                seconds=time.monotonic() - started,
+            )
+            return True
+        # Some failed: a Batch over the same pages names each failed request.
+        table[0], table[1], table[2] = local_offsets, remote_offsets, lengths
+        route = Route(info, "tcp", _WRITE.value)
+        route.totals = [n, total]
+        batch = Batch(
+            pages=Pages(route, segment, _WRITE, table, timeout_s),
+            default_timeout_s=timeout,
+            on_error=self._on_error,
+        )
+        batch._started = started  # its deadlines are the ones the frames had
+        batch._routes.append(route)
+        expired = False
+        for start, stop, error in outcome:
+            if error is None:
+                batch._done_range(start, stop)
+            elif isinstance(error, TransferTimeout):
+                expired = True  # named per request below
+            else:
+                batch._fail_range(start, stop, error)
+        if expired:
+            batch._expire()
+        batch._wait(None)
+        batch.raise_for_errors()
+        return True
 
     def _send_pages_now(self, fast: _FastPages, timeout_s: float | None) -> Batch | None:
         """Check a fast page batch and lay out its tcp frames in one native call, then send
@@ -949,7 +995,18 @@ class Engine:
         key = (local, remote, transport, op)
         route = self._page_routes.get(key)
         if route is not None and (timeout_s is None or timeout_s > 0):
-            if self._segments.get(local) is route.local and self._cache.get(remote) is route.info:
+            if (
+                self._segments.get(local) is not route.local
+                or self._cache.get(remote) is not route.info
+            ):
+                self._page_routes.pop(key, None)  # a segment withdrawn or looked up afresh since
+            elif isinstance(route, _TcpPageRoute):
+                columns = _int64_columns(local_offsets, remote_offsets, lengths)
+                if columns is not None and self._write_pages_waited(
+                    route.local, route.info, columns, timeout_s
+                ):
+                    return
+            else:
                 started = time.monotonic()
                 try:
                     copied = route.copy(local_offsets, remote_offsets, lengths)
@@ -967,8 +1024,6 @@ class Engine:
                     return
                 if copied < 0:  # the owner gone or replaced, a bad request: not again
                     self._page_routes.pop(key, None)
-            else:  # a segment withdrawn or looked up afresh since
-                self._page_routes.pop(key, None)
         self._check_pages_call(op, timeout_s)
         fast = self._fast_pages(
             op,
@@ -987,9 +1042,14 @@ class Engine:
                         self._page_routes[key] = route
                 return  # no Batch to build: nothing can fail any more
         elif fast is not None:
-            batch = self._write_pages_now(fast, timeout_s) if op is not _READ else None
-            if batch is None:
-                batch = self._send_pages_now(fast, timeout_s)
+            columns = (fast.local_offsets, fast.remote_offsets, fast.lengths)
+            if op is not _READ and self._write_pages_waited(
+                fast.segment, fast.info, columns, timeout_s
+            ):
+                if len(self._page_routes) < _PAGE_ROUTES_MAX:
+                    self._page_routes[key] = _TcpPageRoute(fast.info, fast.segment)
+                return
+            batch = self._send_pages_now(fast, timeout_s)
             if batch is not None:
                 batch._wait(None)
                 batch.raise_for_errors()

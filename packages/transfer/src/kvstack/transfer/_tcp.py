@@ -1314,17 +1314,19 @@ class TcpTransport:
 
     def write_pages(
         self,
-        batch: Batch,
-        pages: Pages,
+        info: SegmentInfo,
+        local: LocalSegment,
         *,
         local_offsets: np.ndarray,
         remote_offsets: np.ndarray,
         lengths: np.ndarray | int,
         total: int,
-    ) -> bool:
-        """A page WRITE of ``total`` bytes whose caller waits (Engine.transfer_pages), from its
-        columns to the wire in one native call (kvstack_send_pages), its replies taken without
-        Python.
+        table: np.ndarray,
+        deadline: float,
+    ) -> list[tuple[int, int, TransferError | None]] | None:
+        """A page WRITE of ``total`` bytes from ``local`` into ``info``'s segment, whose caller
+        waits (Engine.transfer_pages), from its columns to the wire in one native call
+        (kvstack_send_pages), its replies taken without Python.
 
         Each connection used gets a reply slot, armed with its frame's request id; the
         receiver threads take the OK replies in C and the caller waits on the slots
@@ -1332,20 +1334,23 @@ class TcpTransport:
         out and registered the frames took ~190 us before the first byte, and four receiver
         threads finished the replies one after another under the GIL, ~100 us more (H200).
 
-        Returns False, nothing sent, where this path does not apply: small batches, a bad
+        Returns None, nothing sent, where this path does not apply: small batches, a bad
         request (the caller's general path names it), no free slot or a connection busy
-        sending; the pages then go the usual way. Otherwise the batch is finished on return.
-        ``pages.table`` (int64 [3, n]) receives the columns. Raises (nothing sent) the error
-        of connecting, if no connection to the peer is up.
+        sending; the pages then go the usual way. Otherwise one (start, stop, error) per frame
+        sent, once each has its verdict: requests start..stop-1 are done (error None), failed
+        with ``error``, or still unanswered at ``deadline`` (a TransferTimeout: the connection
+        was closed, and the caller names each request). ``table`` (int64 [3, n]) receives the
+        columns. Raises (nothing sent) the error of connecting, if no connection to the peer
+        is up.
         """
         native = _native.load()
         n = len(local_offsets)
         if native is None or total < _PARALLEL_PAGES_BYTES:
-            return False
-        conns = self._conns(pages.route.remote)
+            return None
+        conns = self._conns(info)
         share = -(-n // max(1, min(len(conns), total // _PAGE_BYTES_PER_CONN)))
         if share > _VEC_MAX:
-            return False
+            return None
         conns = conns[: -(-n // share)]
         rows = np.zeros((len(conns), _native.SEND_PAGES_CONN), dtype=np.int64)
         held: list[tuple[_Conn, int]] = []  # a slot taken and the socket claimed
@@ -1354,28 +1359,27 @@ class TcpTransport:
             for i, conn in enumerate(conns):
                 slot = conn.take_slot()
                 if slot is None:
-                    return False
+                    return None
                 if not conn.claim():
                     conn.give_slot(slot)
-                    return False
+                    return None
                 held.append((conn, slot))
                 request_id = conn.arm_slot(slot)
                 if request_id is None:
-                    return False
+                    return None
                 rows[i, 0], rows[i, 1] = conn.sock.fileno(), request_id
-            remote = pages.route.remote
             sent = (
                 native.send_pages(
                     local_offsets,
                     remote_offsets,
                     lengths,
-                    local=(pages.local.address, pages.local.size_bytes),
-                    remote_size=remote.size_bytes,
+                    local=(local.address, local.size_bytes),
+                    remote_size=info.size_bytes,
                     max_length=self.page_max_bytes,
-                    name=remote.name.encode(),
-                    table=pages.table,
+                    name=info.name.encode(),
+                    table=table,
                     conns=rows,
-                    deadline=batch._deadline_of(0),
+                    deadline=deadline,
                 )
                 >= 0
             )
@@ -1385,7 +1389,7 @@ class TcpTransport:
                     conn.give_slot(slot)
                     conn.unclaim(None)
         if not sent:
-            return False
+            return None
         for (conn, _), status in zip(held, rows[:, 2].tolist(), strict=True):
             error: BaseException | None = None
             if status == -errno.ETIMEDOUT:
@@ -1393,32 +1397,28 @@ class TcpTransport:
             elif status:
                 error = OSError(-status, os.strerror(-status))
             conn.unclaim(error)  # a failed send fails the connection, and so its slot
-        deadline = batch._deadline_of(0)
-        expired = False
+        outcome: list[tuple[int, int, TransferError | None]] = []
         for i, (conn, slot) in enumerate(held):
             assert conn.slots is not None  # take_slot gave one
+            start, stop = i * share, min(n, (i + 1) * share)
             state = native.wait_slot(conn.slots, slot, deadline=deadline)
             if state == _native.SLOT_ARMED:
                 if native.finish_slot(conn.slots, slot, _native.SLOT_FAILED):
                     # No reply by the deadline: never reuse a stream that may be stuck
-                    # mid-frame (as the receiver's tick would); the batch names each request
-                    # that timed out.
+                    # mid-frame (as the receiver's tick would).
                     conn.give_slot(slot)
-                    conn.fail(TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer))
-                    expired = True
+                    timeout = TransferTimeout("receiving", timeout_s=0.0, peer=conn.peer)
+                    conn.fail(timeout)
+                    outcome.append((start, stop, timeout))
                     continue
                 state = int(conn.slots.states[slot])  # its verdict came just now
             slot_error = conn.give_slot(slot)
-            start, stop = i * share, min(n, (i + 1) * share)
             if state == _native.SLOT_OK:
-                batch._done_range(start, stop)
+                outcome.append((start, stop, None))
             else:
-                batch._fail_range(
-                    start, stop, slot_error or PeerUnavailable("connection closed", peer=conn.peer)
-                )
-        if expired:
-            batch._expire()
-        return True
+                failed = slot_error or PeerUnavailable("connection closed", peer=conn.peer)
+                outcome.append((start, stop, failed))
+        return outcome
 
     def _send_pool(self) -> ThreadPoolExecutor:
         with self._lock:
