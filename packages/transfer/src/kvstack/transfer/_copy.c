@@ -1499,6 +1499,23 @@ int32_t kvstack_wait_slot(int32_t *state, int64_t deadline_ns)
  * anything but DONE the lane's stream may be mid-frame: Python never reuses it. */
 enum { LANE_DONE = 0, LANE_PUNT = 1, LANE_TIMEOUT = 2, LANE_EOF = 3 };
 
+/* read_exact until all n bytes are in (LANE_DONE), the peer closes (LANE_EOF) or the deadline
+ * passes (LANE_TIMEOUT, checked at each tick of the socket); else -errno. */
+static int64_t lane_read(int fd, char *buf, int64_t n, int64_t *got, int64_t deadline_ns)
+{
+    for (;;) {
+        int status = read_exact(fd, buf, n, got);
+        if (status == SERVE_DONE)
+            return LANE_DONE;
+        if (status == SERVE_EOF)
+            return LANE_EOF;
+        if (status != SERVE_STALL)
+            return status == -ECONNRESET ? LANE_EOF : status;
+        if (now_ns() >= deadline_ns)
+            return LANE_TIMEOUT;
+    }
+}
+
 int64_t kvstack_lane_call(int fd, const char *head, int64_t head_len, int64_t payload,
                           int64_t payload_len, int64_t dest, int64_t dest_len, uint64_t request_id,
                           int64_t poll_ns, int64_t deadline_ns, char *scratch, int64_t *out)
@@ -1533,18 +1550,10 @@ int64_t kvstack_lane_call(int fd, const char *head, int64_t head_len, int64_t pa
         else
             sched_yield(); /* the peer may be queued on this very CPU: let it run */
     }
-    for (;;) {
-        int status = read_exact(fd, scratch, FRAME_HEADER, &got);
-        out[0] = got;
-        if (status == SERVE_DONE)
-            break;
-        if (status == SERVE_EOF)
-            return LANE_EOF;
-        if (status != SERVE_STALL)
-            return status == -ECONNRESET ? LANE_EOF : status;
-        if (now_ns() >= deadline_ns)
-            return LANE_TIMEOUT;
-    }
+    int64_t status = lane_read(fd, scratch, FRAME_HEADER, &got, deadline_ns);
+    out[0] = got;
+    if (status != LANE_DONE)
+        return status;
     uint64_t reply_id, length;
     memcpy(&reply_id, scratch + 8, 8);
     memcpy(&length, scratch + 24, 8);
@@ -1552,15 +1561,5 @@ int64_t kvstack_lane_call(int fd, const char *head, int64_t head_len, int64_t pa
         reply_id != request_id || length != (uint64_t)dest_len)
         return LANE_PUNT;
     int64_t received = 0;
-    for (;;) {
-        int status = read_exact(fd, (char *)(intptr_t)dest, dest_len, &received);
-        if (status == SERVE_DONE)
-            return LANE_DONE;
-        if (status == SERVE_EOF)
-            return LANE_EOF;
-        if (status != SERVE_STALL)
-            return status == -ECONNRESET ? LANE_EOF : status;
-        if (now_ns() >= deadline_ns)
-            return LANE_TIMEOUT;
-    }
+    return lane_read(fd, (char *)(intptr_t)dest, dest_len, &received, deadline_ns);
 }

@@ -1085,6 +1085,33 @@ class Engine:
         if error is not None:
             raise error
 
+    def _goes_direct(
+        self,
+        request: TransferRequest,
+        info: SegmentInfo,
+        local: LocalSegment,
+        transport: str | None,
+        direct: Transport,
+    ) -> bool:
+        """Whether a one-off request may skip the Batch on ``direct`` (_tcp_one, _cuda_one): the
+        engine open, ``direct`` the transport it would take, the request inside both segments
+        and allowed by them. Otherwise the general path moves it or raises its precise error."""
+        if self._closed:
+            return False
+        try:
+            if self._pick(info, transport) is not direct:
+                return False
+        except TransferError:
+            return False
+        length = request.length
+        reading = request.op is _READ
+        return not (
+            request.remote_offset + length > info.size_bytes
+            or request.local_offset + length > local.size_bytes
+            or (reading and local.readonly)
+            or (not reading and info.readonly)
+        )
+
     def _tcp_one(
         self,
         request: TransferRequest,
@@ -1098,21 +1125,9 @@ class Engine:
         #3's 60 us row). ``info``: the remote segment's cached record. False (nothing done)
         when the request goes elsewhere or fails a check: the general path then moves it or
         raises its precise error."""
-        if self._closed:
-            return False
-        try:
-            if self._pick(info, transport) is not self._tcp:
-                return False
-        except TransferError:
-            return False
         op, length = request.op, request.length
-        reading = op is _READ
-        if (
-            not self._tcp.fits_lane(length, local)
-            or request.remote_offset + length > info.size_bytes
-            or request.local_offset + length > local.size_bytes
-            or (reading and local.readonly)
-            or (not reading and info.readonly)
+        if not self._tcp.fits_lane(length, local) or not self._goes_direct(
+            request, info, local, transport, self._tcp
         ):
             return False
         timeout_s = (
@@ -1152,22 +1167,10 @@ class Engine:
         ``info``: the remote segment's cached record. False (nothing done) when the request
         goes elsewhere or fails a check: the general path then moves it or raises its precise
         error."""
-        if self._closed:
-            return False
-        try:
-            if self._pick(info, transport) is not self._cuda:
-                return False
-        except TransferError:
+        if not self._goes_direct(request, info, local, transport, self._cuda):
             return False
         op, length = request.op, request.length
         reading = op is _READ
-        if (
-            request.remote_offset + length > info.size_bytes
-            or request.local_offset + length > local.size_bytes
-            or (reading and local.readonly)
-            or (not reading and info.readonly)
-        ):
-            return False
         started = time.monotonic()
         region = (  # slicing a tensor costs several us of Python: not for the whole segment
             local.cuda
