@@ -205,7 +205,8 @@ class TcpServer:
                 if length > _MAX_FRAME_BYTES:  # never drain or allocate for such a frame
                     raise ProtocolError(f"frame of {length} bytes: {header!r}", peer=peer)
                 name = reader.read(name_len, _always).decode(errors="replace")
-                # Each returns the host segment it served natively servable bytes of, if any.
+                # Each returns the frame's segment if it is host memory: from now on this
+                # connection serves frames for it natively (_serve_native).
                 if op is FrameOp.READ:
                     served = self._read(
                         replies, request_id, name=name, offset=offset, length=length
