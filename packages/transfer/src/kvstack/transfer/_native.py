@@ -217,7 +217,7 @@ class NativeCopier:
         outside either segment: then nothing was copied.
         """
         # The C side writes 3n int64s into the table: refuse anything else.
-        n, local_address, remote_address, lengths_address, length = _page_columns(
+        n, local_column, remote_column, lengths_column, length = _page_columns(
             local_offsets, remote_offsets, lengths
         )
         if table is not None and not (
@@ -226,9 +226,9 @@ class NativeCopier:
             raise ValueError(f"the table must be 3 x {n} contiguous int64s")
         return int(
             self._pages(
-                local_address,
-                remote_address,
-                lengths_address,
+                local_column,
+                remote_column,
+                lengths_column,
                 length,
                 n,
                 None if table is None else table.ctypes.data,
@@ -257,16 +257,16 @@ class NativeCopier:
         the owner has exited or its file was replaced (the bytes moved through the old
         mapping, which no live owner reads).
         """
-        n, local_address, remote_address, lengths_address, length = _page_columns(
+        n, local_column, remote_column, lengths_column, length = _page_columns(
             local_offsets, remote_offsets, lengths
         )
         return int(
             self._route(
                 route,
                 path,
-                local_address,
-                remote_address,
-                lengths_address,
+                local_column,
+                remote_column,
+                lengths_column,
                 length,
                 n,
             )
@@ -288,16 +288,16 @@ class NativeCopier:
         address of each request's local bytes, the total bytes), or ``-1 - i`` when request
         i is bad (nothing was laid out).
         """
-        n, local_address, remote_address, lengths_address, length = _page_columns(
+        n, local_column, remote_column, lengths_column, length = _page_columns(
             local_offsets, remote_offsets, lengths
         )
         out = np.empty(6 * n, dtype=np.int64)  # table (3n), wire pairs (2n), addresses (n)
         address = out.ctypes.data
         total = int(
             self._plan(
-                local_address,
-                remote_address,
-                lengths_address,
+                local_column,
+                remote_column,
+                lengths_column,
                 length,
                 n,
                 local[0],
@@ -413,7 +413,7 @@ class NativeCopier:
         ``-1 - i`` when request i is bad, or SEND_PAGES_REFUSED (nothing sent either way).
         The caller owns each socket's sending during the call.
         """
-        n, local_address, remote_address, lengths_address, length = _page_columns(
+        n, local_column, remote_column, lengths_column, length = _page_columns(
             local_offsets, remote_offsets, lengths
         )
         if not (table.dtype == np.int64 and table.shape == (3, n) and table.flags.c_contiguous):
@@ -427,9 +427,9 @@ class NativeCopier:
             raise ValueError(f"conns must be contiguous int64 rows of {SEND_PAGES_CONN}")
         return int(
             self._send_pages(
-                local_address,
-                remote_address,
-                lengths_address,
+                local_column,
+                remote_column,
+                lengths_column,
                 length,
                 n,
                 local[0],
@@ -603,18 +603,21 @@ _INT64 = np.dtype(np.int64)
 
 def _page_columns(
     local_offsets: object, remote_offsets: object, lengths: object
-) -> tuple[int, int, int, int | None, int]:
-    """(n, the addresses of the offset columns, that of the lengths column or None, the one
-    length or 0) of a page batch's columns; ValueError unless each is n contiguous int64s
-    (numpy arrays: lists are refused too) and ``lengths`` such a column or an int. The C side
-    reads n int64s from each. Attribute checks only, in one frame: this runs per KV handoff,
-    right after other big copies have made every Python step slow (issue #3)."""
+) -> tuple[int, bytes, bytes, bytes | None, int]:
+    """(n, the offset columns' bytes, the lengths column's bytes or None, the one length or 0)
+    of a page batch's columns; ValueError unless each is n contiguous int64s (numpy arrays:
+    lists are refused too) and ``lengths`` such a column or an int. The C side reads n int64s
+    from each (ctypes passes a bytes object's own buffer). Attribute checks only, in one frame:
+    this runs per KV handoff, right after other big copies have made every Python step slow
+    (issue #3). A copy of the column is cheaper there than its address: ``.ctypes.data`` runs
+    numpy's Python-level ctypes wrapper, 25-50 us for two columns right after a 64 MiB copy
+    on the 2-core box, ``tobytes`` 6-13 us."""
     scalar = isinstance(lengths, int)
     columns = (
         (local_offsets, remote_offsets) if scalar else (local_offsets, remote_offsets, lengths)
     )
     n = len(local_offsets) if type(local_offsets) is np.ndarray else -1
-    addresses: list[int] = []
+    raw: list[bytes] = []
     for column in columns:
         if not (
             type(column) is np.ndarray
@@ -624,10 +627,10 @@ def _page_columns(
             and len(column) == n
         ):
             raise ValueError(f"page columns must be {n} contiguous int64s each")
-        addresses.append(column.ctypes.data)
+        raw.append(column.tobytes())
     if isinstance(lengths, int):
-        return n, addresses[0], addresses[1], None, lengths
-    return n, addresses[0], addresses[1], addresses[2], 0
+        return n, raw[0], raw[1], None, lengths
+    return n, raw[0], raw[1], raw[2], 0
 
 
 def _same_length(*arrays: np.ndarray) -> int:
