@@ -735,6 +735,51 @@ def test_forked_child_copies_with_helpers(copier: NativeCopier) -> None:
     assert done.returncode == 0
 
 
+def _python_with(env: dict[str, str], script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_copy_threads_follow_the_environment() -> None:
+    # A big copy asks the copier for the threads the variable names (the default caps at 8).
+    done = _python_with(
+        {_env.COPY_THREADS_VAR: "5"},
+        """
+        import numpy as np
+        from kvstack.transfer import _memory, _native
+        asked = []
+        copy_ranges = _native.NativeCopier.copy_ranges
+        def spy(self, *args, threads, **kwargs):
+            asked.append(threads)
+            return copy_ranges(self, *args, threads=threads, **kwargs)
+        _native.NativeCopier.copy_ranges = spy
+        src = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        offsets = np.random.default_rng(1).permutation(np.arange(0, 8 << 20, 4096))
+        lengths = np.full(len(offsets), 4096, dtype=np.int64)
+        _memory.memcpy_ranges(offsets + dst.ctypes.data, offsets + src.ctypes.data, lengths)
+        assert (dst == src).all()
+        assert asked == [5], asked
+        assert _memory.native_thread_policy()[0] == 5
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_bad_copy_threads_are_named(value: str) -> None:
+    done = _python_with({_env.COPY_THREADS_VAR: value}, "import kvstack.transfer")
+    assert done.returncode != 0
+    assert "ConfigError" in done.stderr
+    assert f"{_env.COPY_THREADS_VAR}={value!r}" in done.stderr
+
+
 # -- socket I/O -----------------------------------------------------------------------------
 
 

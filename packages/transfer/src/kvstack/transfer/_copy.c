@@ -141,7 +141,8 @@ static void run_add(struct run *run, char *dst, const char *src, size_t len)
 
 /* ---- copies ---------------------------------------------------------------------------- */
 
-/* Bounds the helper table; the Python side asks for at most 8 (_memory._NATIVE_THREADS). */
+/* Bounds the helper table; the Python side asks for at most 8 copy threads by default
+ * (_memory._NATIVE_THREADS, up to 64 by KVSTACK_TRANSFER_COPY_THREADS), 16 hash threads. */
 #define MAX_THREADS 64
 /* Chunks per thread, taken first come first served: a helper that wakes late (or shares its
  * core with another process) takes fewer instead of holding the rest back. */

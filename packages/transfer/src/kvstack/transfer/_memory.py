@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvstack.transfer import _native
+from kvstack.transfer import _env, _native
 from kvstack.transfer.errors import InvalidRequest, OutOfBounds, SegmentReadOnly
 
 if TYPE_CHECKING:
@@ -385,9 +385,10 @@ def _usable_cores() -> int:
 # Host copies go through the native range copier (_native, _copy.c): one GIL-free call per
 # batch, shared by bytes with up to _NATIVE_THREADS - 1 parked helper threads, one thread per
 # _BYTES_PER_THREAD of the batch. Waking a helper costs ~5 us (2-core CI box), so a thread pays
-# from a few hundred KiB. Capped at 8: a memory-bound copy gains little from more, and every
-# process that copies keeps its helpers.
-_NATIVE_THREADS = max(1, min(8, _usable_cores()))
+# from a few hundred KiB. Capped at 8 unless KVSTACK_TRANSFER_COPY_THREADS says otherwise: every
+# process that copies keeps its helpers, polling between copies, and leaves the rest of the
+# cores to the process's own threads (see _env.COPY_THREADS_VAR for what more threads gain).
+_NATIVE_THREADS = _env.copy_threads(max(1, min(8, _usable_cores())))
 _BYTES_PER_THREAD = 256 << 10
 # KVH-64 (hashing, or copying and hashing) is bound by compute, not memory: 6-8 GB/s per core
 # on the H100/H200 machines' Xeons. It takes up to 16 threads, one per 128 KiB: 64 x 1 MiB
