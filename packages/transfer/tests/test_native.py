@@ -908,27 +908,26 @@ def test_await_replies_takes_oks_to_armed_slots_and_hands_back_the_rest(
     slots = _native.ReplySlots(4)
     slots.ids[:3] = [7, 9, 11]
     slots.states[:3] = _native.SLOT_ARMED
-    scratch = np.zeros(_native.REPLY_SCRATCH, dtype=np.uint8)
-    out = np.zeros(1, dtype=np.int64)
+    scratch = _native.Scratch(_native.REPLY_SCRATCH, 1)
     ok7, ok8 = pack(FrameOp.OK, 7), pack(FrameOp.OK, 8)
     error9 = pack(FrameOp.ERROR, 9, length=3)
     a.sendall(ok7 + ok8)  # 7 is armed: taken here; 8 is not: handed back whole
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
-    assert scratch[: out[0]].tobytes() == ok8
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch) == (_native.REPLY_PUNT)
+    assert scratch.left() == ok8
     assert slots.states.tolist() == [_native.SLOT_OK, _native.SLOT_ARMED, _native.SLOT_ARMED, 0]
     a.sendall(error9)  # an error reply to an armed request is Python's to read
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
-    assert scratch[: out[0]].tobytes() == error9
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch) == (_native.REPLY_PUNT)
+    assert scratch.left() == error9
     assert slots.states[1] == _native.SLOT_ARMED
     # A slot Python failed first keeps its verdict: its late OK goes to Python.
     assert copier.finish_slot(slots, 2, _native.SLOT_FAILED)
     assert not copier.finish_slot(slots, 2, _native.SLOT_OK)
     a.sendall(pack(FrameOp.OK, 11)[:20])  # half a header, then the tick
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_PUNT)
-    assert out[0] == 20
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_IDLE)
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch) == (_native.REPLY_PUNT)
+    assert scratch.out[0] == 20
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch) == (_native.REPLY_IDLE)
     a.close()
-    assert copier.await_replies(b.fileno(), slots, scratch=scratch, out=out) == (_native.REPLY_EOF)
+    assert copier.await_replies(b.fileno(), slots, scratch=scratch) == (_native.REPLY_EOF)
 
 
 def test_wait_slot_ends_at_the_verdict_or_the_deadline(copier: NativeCopier) -> None:

@@ -123,7 +123,7 @@ def test_frames_of_a_known_segment_are_served_natively(
 
     def spy(self: NativeCopier, *args: Any, **kwargs: Any) -> int:
         statuses.append(serve_frame(self, *args, **kwargs))
-        ops.append(int(kwargs["out"][2]) if statuses[-1] == _native.SERVE_DONE else 0)
+        ops.append(int(kwargs["scratch"].out[2]) if statuses[-1] == _native.SERVE_DONE else 0)
         return statuses[-1]
 
     monkeypatch.setattr(NativeCopier, "serve_frame", spy)

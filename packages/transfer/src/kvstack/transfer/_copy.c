@@ -1315,9 +1315,8 @@ void kvstack_send_parallel(int64_t *units, int64_t n, int64_t deadline_ns)
 }
 
 /* Issue #3's tcp page WRITE from its columns to the wire in one call: the checks of
- * kvstack_plan_pages, the columns into `table` (int64 [3, n]), then one WRITEV frame per
- * connection, all sent at once as kvstack_send_parallel does. `conns` holds k rows of
- * SEND_PAGES_CONN int64s: socket, request id, and the status this call writes (0 sent,
+ * kvstack_plan_pages, then one WRITEV frame per connection, all sent at once as
+ * kvstack_send_parallel does. `conns` holds k rows of SEND_PAGES_CONN int64s: socket, request id, and the status this call writes (0 sent,
  * -ETIMEDOUT, -errno); connection c carries requests c * share .. (c + 1) * share - 1, where
  * share = ceil(n / k) (at most 1024, _tcp._VEC_MAX). The frame is _tcp._PageVec's: a header
  * (op WRITEV, the name's length, the request id, offset = page count, length = bytes), the
@@ -1331,8 +1330,8 @@ void kvstack_send_parallel(int64_t *units, int64_t n, int64_t deadline_ns)
 int64_t kvstack_send_pages(const int64_t *local_offsets, const int64_t *remote_offsets,
                            const int64_t *lengths, int64_t length, int64_t n, int64_t local_base,
                            int64_t local_size, int64_t remote_size, int64_t max_length,
-                           const char *name, int64_t name_len, int64_t *table, int64_t *conns,
-                           int64_t k, int64_t deadline_ns)
+                           const char *name, int64_t name_len, int64_t *conns, int64_t k,
+                           int64_t deadline_ns)
 {
     int64_t total = check_pages(local_offsets, remote_offsets, lengths, length, n, local_size,
                                 remote_size, max_length);
@@ -1342,14 +1341,17 @@ int64_t kvstack_send_pages(const int64_t *local_offsets, const int64_t *remote_o
     if (k < 1 || share > 1024 || name_len < 0 || name_len > 4096)
         return INT64_MIN;
     int64_t head_bytes = FRAME_HEADER + name_len; /* + 16 per page of the frame */
-    size_t size = (size_t)(k * head_bytes + 16 * n) + (size_t)(n + SEND_UNIT * k) * sizeof(int64_t);
+    /* The frames' heads and range tables, then (8-byte aligned) the int64 columns. */
+    size_t columns_at = ((size_t)(k * head_bytes + 16 * n) + 7) & ~(size_t)7;
+    size_t size = columns_at + (size_t)(2 * n + SEND_UNIT * k) * sizeof(int64_t);
     char *heads = malloc(size);
     if (heads == NULL)
         return INT64_MIN;
-    int64_t *addresses = (int64_t *)(void *)(heads + k * head_bytes + 16 * n);
-    int64_t *units = addresses + n;
-    copy_table(table, local_offsets, remote_offsets, lengths, length, n);
-    const int64_t *lens = table + 2 * n;
+    int64_t *addresses = (int64_t *)(void *)(heads + columns_at);
+    int64_t *lens = addresses + n;
+    int64_t *units = lens + n;
+    for (int64_t i = 0; i < n; i++)
+        lens[i] = lengths ? lengths[i] : length;
     char *head = heads;
     for (int64_t c = 0; c < k; c++) {
         int64_t first = c * share, last = first + share < n ? first + share : n;

@@ -789,7 +789,6 @@ class Engine:
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         n = len(local_offsets)
         total = n * lengths if isinstance(lengths, int) else int(lengths.sum())
-        table = np.empty((3, n), np.int64)
         try:
             outcome = self._tcp.write_pages(
                 info,
@@ -798,7 +797,6 @@ class Engine:
                 remote_offsets=remote_offsets,
                 lengths=lengths,
                 total=total,
-                table=table,
                 deadline=started + timeout,
             )
         except TransferError as exc:  # no connection to the peer: nothing was sent
@@ -816,6 +814,7 @@ class Engine:
             )
             return True
         # Some failed: a Batch over the same pages names each failed request.
+        table = np.empty((3, n), np.int64)
         table[0], table[1], table[2] = local_offsets, remote_offsets, lengths
         route = Route(info, "tcp", _WRITE.value)
         route.totals = [n, total]

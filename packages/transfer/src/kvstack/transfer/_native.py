@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 from kvstack.transfer import _env
 from kvstack.transfer.errors import ConfigError
 
-__all__ = ["NativeCopier", "NativeUnavailable", "ReplySlots", "build", "load"]
+__all__ = ["NativeCopier", "NativeUnavailable", "ReplySlots", "Scratch", "build", "load"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,25 @@ class ReplySlots:
         self.ids = np.zeros(size, dtype=np.int64)
         self.states = np.zeros(size, dtype=np.int32)
         self.free = list(range(size))  # guarded by the connection's lock
+        # Looked up once: ``.ctypes.data`` runs numpy's Python-level wrapper, 5-25 us per
+        # array when cold (issue #3), and these are passed on every reply.
+        self.ids_address: int = self.ids.ctypes.data
+        self.states_address: int = self.states.ctypes.data
+
+
+class Scratch:
+    """A buffer and a few int64 results that one thread hands to the same native call again
+    and again (serve_frame, await_replies, lane_call), their addresses looked up once."""
+
+    def __init__(self, size: int, results: int) -> None:
+        self.buffer = np.empty(size, dtype=np.uint8)
+        self.out = np.zeros(results, dtype=np.int64)
+        self.buffer_address: int = self.buffer.ctypes.data
+        self.out_address: int = self.out.ctypes.data
+
+    def left(self) -> bytes:
+        """The bytes a punted call left in the buffer (``out[0]`` of them)."""
+        return self.buffer[: int(self.out[0])].tobytes()
 
 
 class NativeCopier:
@@ -144,7 +164,6 @@ class NativeCopier:
             i64,
             ctypes.c_char_p,
             i64,
-            vp,
             vp,
             i64,
             i64,
@@ -335,39 +354,36 @@ class NativeCopier:
     def serve_frame(
         self,
         fd: int,
-        segments: np.ndarray,
+        segments: tuple[int, int],
         names: bytes,
         *,
         generation: int,
         expected: int,
-        scratch: int,
+        scratch: Scratch,
         poll_s: float,
-        out: np.ndarray,
     ) -> int:
         """Wait for the next frame on socket ``fd`` and serve it if it is a WRITE, WRITEV or
-        READ of one of ``segments`` (int64 rows: base address, size, read-only, offset of the
-        name in ``names``, its length). ``generation``: the address of an int64 that must still
-        equal ``expected`` before any byte moves; ``scratch``: the address of SERVE_SCRATCH
-        bytes; ``out``: three int64s (SERVE_DONE: the payload's bytes, the request id, the
-        FrameOp served; SERVE_PUNT: the bytes left in scratch). Returns a SERVE_* status;
-        OSError on a socket error. The caller keeps every segment's memory mapped during the
-        call.
+        READ of one of ``segments`` (the address and count of contiguous int64 rows: base
+        address, size, read-only, offset of the name in ``names``, its length).
+        ``generation``: the address of an int64 that must still equal ``expected`` before any
+        byte moves; ``scratch``: SERVE_SCRATCH bytes and three results (SERVE_DONE: the
+        payload's bytes, the request id, the FrameOp served; SERVE_PUNT: the bytes left in the
+        buffer). Returns a SERVE_* status; OSError on a socket error. The caller keeps every
+        segment's memory mapped during the call.
         """
-        if not (segments.dtype == np.int64 and segments.flags.c_contiguous):
-            raise ValueError("segments must be contiguous int64 rows")
-        if not (out.dtype == np.int64 and out.size >= 3 and out.flags.c_contiguous):
-            raise ValueError("out must be three contiguous int64s")
+        if scratch.buffer.size < SERVE_SCRATCH or scratch.out.size < 3:
+            raise ValueError("scratch must hold SERVE_SCRATCH bytes and three results")
         status = int(
             self._serve_frame(
                 fd,
-                segments.ctypes.data,
-                len(segments),
+                segments[0],
+                segments[1],
                 names,
                 generation,
                 expected,
-                scratch,
+                scratch.buffer_address,
                 int(poll_s * 1e9),
-                out.ctypes.data,
+                scratch.out_address,
             )
         )
         if status < 0:
@@ -401,66 +417,55 @@ class NativeCopier:
         remote_size: int,
         max_length: int,
         name: bytes,
-        table: np.ndarray,
-        conns: np.ndarray,
+        conns: Sequence[tuple[int, int]],
         deadline: float,
-    ) -> int:
-        """Check a page WRITE as ``plan_pages`` does, copy its columns into ``table`` (int64
-        [3, n]) and send it as one WRITEV frame of segment ``name`` per row of ``conns`` (int64
-        [k, SEND_PAGES_CONN]: socket, request id, status), all at once; connection c carries
-        requests c * ceil(n / k) onwards. Each row's status becomes 0, -ETIMEDOUT
-        (``deadline``, time.monotonic(), passed first) or -errno. Returns the total bytes,
-        ``-1 - i`` when request i is bad, or SEND_PAGES_REFUSED (nothing sent either way).
-        The caller owns each socket's sending during the call.
+    ) -> tuple[int, list[int]]:
+        """Check a page WRITE as ``plan_pages`` does and send it as one WRITEV frame of
+        segment ``name`` per connection of ``conns`` (socket, request id), all at once;
+        connection c carries requests c * ceil(n / k) onwards. Returns the total bytes (or
+        ``-1 - i`` when request i is bad, SEND_PAGES_REFUSED: nothing sent either way) and
+        each connection's status: 0, -ETIMEDOUT (``deadline``, time.monotonic(), passed
+        first) or -errno. The caller owns each socket's sending during the call.
         """
         n, local_column, remote_column, lengths_column, length = _page_columns(
             local_offsets, remote_offsets, lengths
         )
-        if not (table.dtype == np.int64 and table.shape == (3, n) and table.flags.c_contiguous):
-            raise ValueError(f"table must be a contiguous int64 [3, {n}] array")
-        if not (
-            conns.dtype == np.int64
-            and conns.ndim == 2
-            and conns.shape[1] == SEND_PAGES_CONN
-            and conns.flags.c_contiguous
-        ):
-            raise ValueError(f"conns must be contiguous int64 rows of {SEND_PAGES_CONN}")
-        return int(
-            self._send_pages(
-                local_column,
-                remote_column,
-                lengths_column,
-                length,
-                n,
-                local[0],
-                local[1],
-                remote_size,
-                max_length,
-                name,
-                len(name),
-                table.ctypes.data,
-                conns.ctypes.data,
-                len(conns),
-                int(deadline * 1e9),
-            )
+        k = len(conns)
+        rows = (ctypes.c_int64 * (SEND_PAGES_CONN * k))()  # socket, request id, status
+        rows[0::SEND_PAGES_CONN] = [fd for fd, _ in conns]
+        rows[1::SEND_PAGES_CONN] = [request_id for _, request_id in conns]
+        total = self._send_pages(
+            local_column,
+            remote_column,
+            lengths_column,
+            length,
+            n,
+            local[0],
+            local[1],
+            remote_size,
+            max_length,
+            name,
+            len(name),
+            rows,
+            k,
+            int(deadline * 1e9),
         )
+        return total, rows[2::SEND_PAGES_CONN]
 
-    def await_replies(
-        self, fd: int, slots: ReplySlots, *, scratch: np.ndarray, out: np.ndarray
-    ) -> int:
+    def await_replies(self, fd: int, slots: ReplySlots, *, scratch: Scratch) -> int:
         """Wait for replies on socket ``fd``, taking each OK without payload to an armed slot
-        of ``slots`` (see ReplySlots). Returns REPLY_PUNT (``out[0]`` bytes of a reply for
-        Python are in ``scratch``, REPLY_SCRATCH bytes), REPLY_IDLE (the socket's tick passed)
+        of ``slots`` (see ReplySlots). Returns REPLY_PUNT (the bytes of a reply for Python
+        are left in ``scratch``, of REPLY_SCRATCH bytes), REPLY_IDLE (the socket's tick passed)
         or REPLY_EOF; OSError on a socket error.
         """
         status = int(
             self._await_replies(
                 fd,
-                slots.ids.ctypes.data,
-                slots.states.ctypes.data,
+                slots.ids_address,
+                slots.states_address,
                 len(slots.ids),
-                scratch.ctypes.data,
-                out.ctypes.data,
+                scratch.buffer_address,
+                scratch.out_address,
             )
         )
         if status < 0:
@@ -479,13 +484,12 @@ class NativeCopier:
         request_id: int,
         poll_s: float,
         deadline: float,
-        scratch: np.ndarray,
-        out: np.ndarray,
+        scratch: Scratch,
     ) -> int:
         """Send one frame on socket ``fd`` (``head``, then ``payload_len`` bytes at address
         ``payload``) and take its reply: an OK to ``request_id`` with ``dest_len`` bytes,
-        received at address ``dest``, is LANE_DONE. Else LANE_PUNT (``out[0]`` bytes of the
-        reply are in ``scratch``, LANE_SCRATCH bytes), LANE_TIMEOUT (``deadline``, in
+        received at address ``dest``, is LANE_DONE. Else LANE_PUNT (the bytes of the reply read so
+        far are left in ``scratch``, of LANE_SCRATCH bytes), LANE_TIMEOUT (``deadline``, in
         time.monotonic() seconds, passed) or LANE_EOF; OSError on a socket error.
         """
         status = int(
@@ -500,8 +504,8 @@ class NativeCopier:
                 request_id,
                 int(poll_s * 1e9),
                 int(deadline * 1e9),
-                scratch.ctypes.data,
-                out.ctypes.data,
+                scratch.buffer_address,
+                scratch.out_address,
             )
         )
         if status < 0:
@@ -511,12 +515,12 @@ class NativeCopier:
     def finish_slot(self, slots: ReplySlots, index: int, state: int) -> bool:
         """Move slot ``index`` from ARMED to ``state`` and wake its waiter; False if it was not
         armed any more (the other side decided first)."""
-        return bool(self._finish_slot(slots.states.ctypes.data + 4 * index, state))
+        return bool(self._finish_slot(slots.states_address + 4 * index, state))
 
     def wait_slot(self, slots: ReplySlots, index: int, *, deadline: float) -> int:
         """Wait until slot ``index`` leaves ARMED or ``deadline`` (time.monotonic()) passes;
         returns its state then."""
-        return int(self._wait_slot(slots.states.ctypes.data + 4 * index, int(deadline * 1e9)))
+        return int(self._wait_slot(slots.states_address + 4 * index, int(deadline * 1e9)))
 
     def hash_ranges(
         self,

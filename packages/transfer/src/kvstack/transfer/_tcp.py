@@ -142,6 +142,7 @@ class TcpServer:
         # Counts withdrawn segments: a connection serving WRITEVs natively re-checks the
         # segments it knows when this moves (see _KnownSegments).
         self._generation = np.zeros(1, dtype=np.int64)
+        self._generation_address: int = self._generation.ctypes.data
         self._listener = socket.create_server((host, port), backlog=128)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._conns: set[socket.socket] = set()
@@ -246,7 +247,7 @@ class TcpServer:
         """Serve frames that read or write known segments without the GIL
         (kvstack_serve_frame) until another frame comes: it is then in ``reader``, for the
         Python path."""
-        scratch, out = known.scratch, known.out
+        scratch, out = known.scratch, known.scratch.out
         fd = conn.fileno()
         while True:
             replies.flush()  # nothing owed while the native call waits
@@ -255,17 +256,16 @@ class TcpServer:
                 fd,
                 known.table,
                 known.names,
-                generation=self._generation.ctypes.data,
+                generation=self._generation_address,
                 expected=known.expected,
-                scratch=scratch.ctypes.data,
+                scratch=scratch,
                 poll_s=_SERVER_POLL_S,
-                out=out,
             )
             if status == _native.SERVE_DONE:
                 served = _metrics.SERVED_READ if out[2] == FrameOp.READ else _metrics.SERVED_WRITE
                 served.inc(int(out[0]))
             elif status == _native.SERVE_PUNT:
-                reader.push_front(scratch[: int(out[0])].tobytes())
+                reader.push_front(scratch.left())
                 return
             elif status == _native.SERVE_EOF:
                 raise PeerUnavailable("connection closed", peer=reader.peer)
@@ -529,11 +529,11 @@ class _KnownSegments:
         self._generation = generation
         self.expected = int(generation[0])
         self._segments: dict[str, LocalSegment] = {}
-        self.table = np.zeros((0, 5), dtype=np.int64)
+        self._rows = np.zeros((0, 5), dtype=np.int64)
+        self.table = (self._rows.ctypes.data, 0)  # the rows' address and count, for C
         self.names = b""
         # kvstack_serve_frame's buffers, made once per connection.
-        self.scratch = np.empty(_native.SERVE_SCRATCH, dtype=np.uint8)
-        self.out = np.zeros(3, dtype=np.int64)
+        self.scratch = _native.Scratch(_native.SERVE_SCRATCH, 3)
 
     def __bool__(self) -> bool:
         return bool(self._segments)
@@ -566,7 +566,8 @@ class _KnownSegments:
                 )
             )
             names += encoded
-        self.table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        self._rows = np.array(rows, dtype=np.int64).reshape(-1, 5)  # kept alive for C
+        self.table = (self._rows.ctypes.data, len(self._rows))
         self.names = bytes(names)
 
 
@@ -866,8 +867,7 @@ class _Lane:
         self.reader = FrameReader(self.sock, peer=address, poll_s=_LANE_POLL_S)
         self.ids = itertools.count(1)
         self.native = _native.load()
-        self.scratch = np.empty(_native.LANE_SCRATCH, dtype=np.uint8)
-        self.out = np.zeros(1, dtype=np.int64)
+        self.scratch = _native.Scratch(_native.LANE_SCRATCH, 1)
 
     def call(
         self,
@@ -902,7 +902,6 @@ class _Lane:
                 poll_s=_LANE_POLL_S,
                 deadline=deadline,
                 scratch=self.scratch,
-                out=self.out,
             )
             if status == _native.LANE_DONE:
                 return None
@@ -911,7 +910,7 @@ class _Lane:
             if status == _native.LANE_EOF:
                 raise PeerUnavailable("connection closed", peer=self.peer)
             # LANE_PUNT: a reply other than a plain OK, its header read; Python names it.
-            self.reader.push_front(self.scratch[: int(self.out[0])].tobytes())
+            self.reader.push_front(self.scratch.left())
             return self._reply(request_id, reading, length, None, deadline)
         assert local.host is not None  # the callers pass host segments only
         view = local.host[local_offset : local_offset + length].data
@@ -970,6 +969,7 @@ class _Conn:
         self.peer = address
         sock = _connect(address, owner=owner, token=token, connect_timeout_s=connect_timeout_s)
         self.sock = sock
+        self.fd = sock.fileno()
         self.alive = True
         self._pending: dict[int, _Part | _VecPart | _PageVec] = {}
         self._lock = threading.Lock()  # guards _pending and alive
@@ -1029,28 +1029,27 @@ class _Conn:
             return False
         return True
 
-    def take_slot(self) -> int | None:
-        """A free reply slot (see TcpTransport.write_pages), or None: none left, or no native
-        library."""
+    def begin_frame(self) -> tuple[int, int] | None:
+        """Claim the socket (see ``claim``) and arm a free reply slot for one frame the caller
+        sends itself (TcpTransport.write_pages): (slot, request id); a later ``fail`` fails
+        the slot. None, with nothing held, when the socket is busy, no slot is free, there is
+        no native library or the connection is gone. One call per connection and batch: each
+        Python call costs microseconds right after a big transfer (issue #3)."""
+        if not self.claim():
+            return None
         with self._lock:
-            if self.slots is None or not self.slots.free or not self.alive:
-                return None
-            return self.slots.free.pop()
-
-    def arm_slot(self, slot: int) -> int | None:
-        """Give a taken slot its request's id, ARMED: a later ``fail`` fails it. None (not
-        armed) if the connection is gone already."""
-        assert self.slots is not None
-        with self._lock:
-            if not self.alive:
-                return None
-            request_id = next(self._ids)
-            self.slots.ids[slot] = request_id
-            self.slots.states[slot] = _native.SLOT_ARMED
-        return request_id
+            slots = self.slots
+            if slots is not None and slots.free and self.alive:
+                slot = slots.free.pop()
+                request_id = next(self._ids)
+                slots.ids[slot] = request_id
+                slots.states[slot] = _native.SLOT_ARMED
+                return slot, request_id
+        self.unclaim(None)
+        return None
 
     def give_slot(self, slot: int) -> TransferError | None:
-        """Return a slot taken with ``take_slot``; the error Python failed it with, if any."""
+        """Return a slot armed by ``begin_frame``; the error Python failed it with, if any."""
         assert self.slots is not None
         with self._lock:
             error, self.slot_errors[slot] = self.slot_errors[slot], None
@@ -1103,13 +1102,12 @@ class _Conn:
     def _receive_loop(self) -> None:
         reader = FrameReader(self.sock, peer=self.peer)
         native = _native.load()
-        scratch = np.empty(_native.REPLY_SCRATCH, dtype=np.uint8)
-        out = np.zeros(1, dtype=np.int64)
+        scratch = _native.Scratch(_native.REPLY_SCRATCH, 1)
         fd = self.sock.fileno()
         try:
             while True:
                 if native is not None and self.slots is not None and reader.empty():
-                    self._await_native(native, reader, fd=fd, scratch=scratch, out=out)
+                    self._await_native(native, reader, fd=fd, scratch=scratch)
                 header = reader.read(HEADER.size, self._any_expired)
                 op, _, request_id, _, length = unpack(header, peer=self.peer)
                 with self._lock:
@@ -1156,16 +1154,15 @@ class _Conn:
         reader: FrameReader,
         *,
         fd: int,
-        scratch: np.ndarray,
-        out: np.ndarray,
+        scratch: _native.Scratch,
     ) -> None:
         """Let C take replies to armed slots (kvstack_await_replies) until another reply comes:
         it is then in ``reader``, for the Python path."""
         assert self.slots is not None
         while True:
-            status = native.await_replies(fd, self.slots, scratch=scratch, out=out)
+            status = native.await_replies(fd, self.slots, scratch=scratch)
             if status == _native.REPLY_PUNT:
-                reader.push_front(scratch[: int(out[0])].tobytes())
+                reader.push_front(scratch.left())
                 return
             if status == _native.REPLY_EOF:
                 raise PeerUnavailable("connection closed", peer=self.peer)
@@ -1226,6 +1223,11 @@ class TcpTransport:
         return bool(peer.tcp_address)
 
     def _conns(self, info: SegmentInfo) -> list[_Conn]:
+        pool = self._pools.get(info.owner)  # every connection up: no lock (issue #3)
+        if pool is not None and not self._closed:
+            live = [c for c in pool if c is not None and c.alive]
+            if len(live) == len(pool):
+                return live
         with self._lock:
             if self._closed:
                 raise PeerUnavailable("engine is closed", peer=info.peer)
@@ -1322,7 +1324,6 @@ class TcpTransport:
         remote_offsets: np.ndarray,
         lengths: np.ndarray | int,
         total: int,
-        table: np.ndarray,
         deadline: float,
     ) -> list[tuple[int, int, TransferError | None]] | None:
         """A page WRITE of ``total`` bytes from ``local`` into ``info``'s segment, whose caller
@@ -1340,9 +1341,8 @@ class TcpTransport:
         sending; the pages then go the usual way. Otherwise one (start, stop, error) per frame
         sent, once each has its verdict: requests start..stop-1 are done (error None), failed
         with ``error``, or still unanswered at ``deadline`` (a TransferTimeout: the connection
-        was closed, and the caller names each request). ``table`` (int64 [3, n]) receives the
-        columns. Raises (nothing sent) the error of connecting, if no connection to the peer
-        is up.
+        was closed, and the caller names each request). Raises (nothing sent) the error of
+        connecting, if no connection to the peer is up.
         """
         native = _native.load()
         n = len(local_offsets)
@@ -1352,46 +1352,37 @@ class TcpTransport:
         share = -(-n // max(1, min(len(conns), total // _PAGE_BYTES_PER_CONN)))
         if share > _VEC_MAX:
             return None
-        conns = conns[: -(-n // share)]
-        rows = np.zeros((len(conns), _native.SEND_PAGES_CONN), dtype=np.int64)
-        held: list[tuple[_Conn, int]] = []  # a slot taken and the socket claimed
-        sent = False
+        held: list[tuple[_Conn, int]] = []  # the socket claimed and a slot armed
+        frames: list[tuple[int, int]] = []  # (socket, request id) per connection
+        statuses: list[int] | None = None
         try:
-            for i, conn in enumerate(conns):
-                slot = conn.take_slot()
-                if slot is None:
+            for conn in conns[: -(-n // share)]:
+                begun = conn.begin_frame()
+                if begun is None:
                     return None
-                if not conn.claim():
-                    conn.give_slot(slot)
-                    return None
-                held.append((conn, slot))
-                request_id = conn.arm_slot(slot)
-                if request_id is None:
-                    return None
-                rows[i, 0], rows[i, 1] = conn.sock.fileno(), request_id
-            sent = (
-                native.send_pages(
-                    local_offsets,
-                    remote_offsets,
-                    lengths,
-                    local=(local.address, local.size_bytes),
-                    remote_size=info.size_bytes,
-                    max_length=self.page_max_bytes,
-                    name=info.name.encode(),
-                    table=table,
-                    conns=rows,
-                    deadline=deadline,
-                )
-                >= 0
+                held.append((conn, begun[0]))
+                frames.append((conn.fd, begun[1]))
+            total_sent, statuses = native.send_pages(
+                local_offsets,
+                remote_offsets,
+                lengths,
+                local=(local.address, local.size_bytes),
+                remote_size=info.size_bytes,
+                max_length=self.page_max_bytes,
+                name=info.name.encode(),
+                conns=frames,
+                deadline=deadline,
             )
+            if total_sent < 0:
+                statuses = None
         finally:
-            if not sent:
+            if statuses is None:  # nothing sent
                 for conn, slot in held:
                     conn.give_slot(slot)
                     conn.unclaim(None)
-        if not sent:
+        if statuses is None:
             return None
-        for (conn, _), status in zip(held, rows[:, 2].tolist(), strict=True):
+        for (conn, _), status in zip(held, statuses, strict=True):
             error: BaseException | None = None
             if status == -errno.ETIMEDOUT:
                 error = TransferTimeout("sending", timeout_s=0.0, peer=conn.peer)
@@ -1400,7 +1391,7 @@ class TcpTransport:
             conn.unclaim(error)  # a failed send fails the connection, and so its slot
         outcome: list[tuple[int, int, TransferError | None]] = []
         for i, (conn, slot) in enumerate(held):
-            assert conn.slots is not None  # take_slot gave one
+            assert conn.slots is not None  # begin_frame armed one
             start, stop = i * share, min(n, (i + 1) * share)
             state = native.wait_slot(conn.slots, slot, deadline=deadline)
             if state == _native.SLOT_ARMED:
