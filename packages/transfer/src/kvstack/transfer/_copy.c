@@ -152,6 +152,10 @@ static void run_add(struct run *run, char *dst, const char *src, size_t len)
 #define MAX_CHUNK_BYTES (256 << 10)
 /* Chunk boundaries fall on multiples of this many bytes of the batch's byte stream. */
 #define CHUNK_ALIGN 4096
+/* The last 1/TAPER_SHARE of a copy's bytes goes in chunks TAPER_SPLIT times smaller, so the
+ * threads finish together: the job ends when its last chunk does. */
+#define TAPER_SHARE 4
+#define TAPER_SPLIT 4
 
 struct job {
     void (*take)(struct job *job); /* what a thread in the job runs: take_chunks, take_blocks */
@@ -174,6 +178,11 @@ struct job {
     /* Run by the caller once the helpers are woken, before it copies (kvstack_copy_route). */
     void (*aside)(void *);
     void *aside_arg;
+    /* take_chunks: chunks 0 .. big_chunks - 1 are chunk_bytes each and end at taper_at; the
+     * rest are small_bytes each (see TAPER). */
+    int64_t big_chunks;
+    int64_t taper_at;
+    int64_t small_bytes;
 };
 
 /* Copy bytes [lo, hi) of the batch's byte stream (range i holds bytes starts[i]..starts[i+1]). */
@@ -208,8 +217,12 @@ static void take_chunks(struct job *job)
         int64_t k = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (k >= job->chunks)
             return;
-        int64_t lo = k * job->chunk_bytes;
-        int64_t hi = lo + job->chunk_bytes < job->total ? lo + job->chunk_bytes : job->total;
+        int64_t lo = k * job->chunk_bytes, size = job->chunk_bytes;
+        if (k >= job->big_chunks) {
+            lo = job->taper_at + (k - job->big_chunks) * job->small_bytes;
+            size = job->small_bytes;
+        }
+        int64_t hi = lo + size < job->total ? lo + size : job->total;
         copy_bytes(job, lo, hi);
     }
 }
@@ -484,7 +497,12 @@ static int copy_ranges_aside(const int64_t *dsts, const int64_t *srcs, const int
     if (chunk > MAX_CHUNK_BYTES)
         chunk = MAX_CHUNK_BYTES;
     job.chunk_bytes = (chunk + CHUNK_ALIGN - 1) / CHUNK_ALIGN * CHUNK_ALIGN;
-    job.chunks = (total + job.chunk_bytes - 1) / job.chunk_bytes;
+    job.big_chunks = total / TAPER_SHARE / job.chunk_bytes * (TAPER_SHARE - 1);
+    job.taper_at = job.big_chunks * job.chunk_bytes;
+    job.small_bytes = job.chunk_bytes / TAPER_SPLIT / CHUNK_ALIGN * CHUNK_ALIGN;
+    if (job.small_bytes < CHUNK_ALIGN)
+        job.small_bytes = CHUNK_ALIGN;
+    job.chunks = job.big_chunks + (total - job.taper_at + job.small_bytes - 1) / job.small_bytes;
     int wanted = threads - 1 < job.chunks - 1 ? threads - 1 : (int)(job.chunks - 1);
     int used = run_job(&job, wanted);
     free(starts);
