@@ -1334,9 +1334,10 @@ void kvstack_send_parallel(int64_t *units, int64_t n, int64_t deadline_ns)
 
 /* Issue #3's tcp page WRITE from its columns to the wire in one call: the checks of
  * kvstack_plan_pages, then one WRITEV frame per connection, all sent at once as
- * kvstack_send_parallel does. `conns` holds k rows of SEND_PAGES_CONN int64s: socket, request id, and the status this call writes (0 sent,
- * -ETIMEDOUT, -errno); connection c carries requests c * share .. (c + 1) * share - 1, where
- * share = ceil(n / k) (at most 1024, _tcp._VEC_MAX). The frame is _tcp._PageVec's: a header
+ * kvstack_send_parallel does. `conns` holds k rows of SEND_PAGES_CONN int64s: socket, request
+ * id, and the status this call writes (0 sent, -ETIMEDOUT, -errno); connection c carries
+ * requests c * share .. (c + 1) * share - 1, where share = ceil(n / k) (at most 1024,
+ * _tcp._VEC_MAX). The frame is _tcp._PageVec's: a header
  * (op WRITEV, the name's length, the request id, offset = page count, length = bytes), the
  * segment name, the (remote offset, length) u64 pairs, then the pages. Returns the total
  * bytes; -1 - i for the first bad request i (nothing sent); INT64_MIN when share is over
